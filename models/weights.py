@@ -1,0 +1,262 @@
+"""Checkpoint formats: the only place that knows file layouts and key names.
+
+* official X-Portrait `model_state-*.th` (torch pickle, loaded with weights_only=True) or the same
+  keys as .safetensors                                       -> load_xportrait()
+* SD1.5 single-file weights (original LDM keys, .ckpt/.safetensors) as the base of the main UNet,
+  the reference net and both ControlNets (+ VAE, + CLIP)      -> load_sd15_base()
+* LCM-LoRA / kohya LoRA                                       -> models.lora.fuse_lora()
+* TAESD encoder/decoder (.pth Sequential layout, or diffusers AutoencoderTiny) -> load_taesd()
+
+Every loader is strict: missing, unexpected and mis-shaped keys raise CheckpointError naming the
+keys and the fix. CLI: `python -m models.weights check-keys FILE --preset sd15`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from models.schedule import BUFFER_NAMES
+
+TEXT_PREFIX = "cond_stage_model.transformer."
+POSITION_IDS = TEXT_PREFIX + "text_model.embeddings.position_ids"  # persistent only in transformers<4.31
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model; the message names the keys and the fix."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors or a torch pickle (weights_only=True; unwraps 'state_dict')."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-convert it") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: cannot be loaded safely with torch.load(weights_only=True) ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0][:200]}). If it is a trusted pickle with extra objects, convert it once to "
+            "safetensors with the official code; truncated files must be downloaded again") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (optionally under 'state_dict')")
+    return obj
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    head = ", ".join(keys[:n])
+    return head + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def diff_keys(expected: dict[str, tuple], provided: dict[str, tuple]) -> tuple[list, list, list]:
+    missing = [k for k in expected if k not in provided]
+    unexpected = [k for k in provided if k not in expected]
+    shapes = [f"{k}: file {tuple(provided[k])} vs model {tuple(expected[k])}"
+              for k in expected if k in provided and tuple(provided[k]) != tuple(expected[k])]
+    return missing, unexpected, shapes
+
+
+def raise_on_mismatch(what: str, missing: list, unexpected: list, shapes: list, fix: str) -> None:
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"{what} does not match the model:"]
+    if missing:
+        parts.append(f"  missing {len(missing)} keys: {_short(missing)}")
+    if unexpected:
+        parts.append(f"  unexpected {len(unexpected)} keys: {_short(unexpected)}")
+    if shapes:
+        parts.append(f"  {len(shapes)} shape mismatches: {_short(shapes, 4)}")
+    parts.append(f"  fix: {fix}")
+    raise CheckpointError("\n".join(parts))
+
+
+def _shapes(sd: dict) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def split_text_encoder(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Separate `cond_stage_model.transformer.*` (CLIP) keys; drop the legacy position_ids buffer."""
+    text = {k[len(TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(TEXT_PREFIX) and k != POSITION_IDS}
+    rest = {k: v for k, v in sd.items() if not k.startswith(TEXT_PREFIX)}
+    return rest, text
+
+
+def load_xportrait(model, source: str | Path | dict, require_text_encoder: bool = False) -> dict:
+    """Strictly load an official X-Portrait state dict into `models.xportrait.XPortrait`.
+
+    CLIP weights (`cond_stage_model.*`) are optional in the file: they are loaded if the model has
+    a text encoder, and returned otherwise (to compute CLIP("") once). Returns the CLIP state dict.
+    """
+    sd = read_state_dict(source) if not isinstance(source, dict) else source
+    name = str(source) if not isinstance(source, dict) else "state dict"
+    sd, text = split_text_encoder(sd)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("cond_stage_model.")}
+    missing, unexpected, shapes = diff_keys(expected, _shapes(sd))
+    fix = ("pass the official X-Portrait checkpoint (model_state-*.th) for this preset "
+           f"({model.cfg.name}); an SD1.5 file belongs to --sd15-base, a LoRA to --lora")
+    raise_on_mismatch(name, missing, unexpected, shapes, fix)
+    model.load_state_dict(sd, strict=False)
+    if hasattr(model, "cond_stage_model"):
+        if text:
+            load_text_encoder(model.cond_stage_model.transformer, text, name)
+        elif require_text_encoder:
+            raise CheckpointError(f"{name} has no cond_stage_model.* (CLIP) weights; load them from an SD1.5 file")
+    return text
+
+
+def load_text_encoder(clip, text_sd: dict, name: str = "checkpoint") -> None:
+    """Load CLIP text weights, accepting both `text_model.*` and the older un-nested layout."""
+    if text_sd and not any(k.startswith("text_model.") for k in text_sd):
+        text_sd = {"text_model." + k: v for k, v in text_sd.items()}
+    text_sd = {k: v for k, v in text_sd.items() if not k.endswith("embeddings.position_ids")}
+    missing, unexpected, shapes = diff_keys(_shapes(clip.state_dict()), _shapes(text_sd))
+    raise_on_mismatch(f"{name} (CLIP text encoder)", missing, unexpected, shapes,
+                      "use the CLIP ViT-L/14 text weights of SD1.5 (cond_stage_model.transformer.*)")
+    clip.load_state_dict(text_sd, strict=True)
+
+
+SD15_IGNORED = ("model_ema.", "lvlb_weights", "cond_stage_model.transformer.text_model.embeddings.position_ids")
+
+
+def load_sd15_base(model, source: str | Path | dict) -> dict[str, list[str]]:
+    """Initialise an X-Portrait model from SD1.5 single-file weights (original LDM key names).
+
+    The SD UNet goes to the main UNet, the reference net (no `out`) and both ControlNets (encoder
+    and middle block); the VAE and, if present in the model, CLIP are loaded too. Motion modules,
+    ControlNet hint encoders and zero convs have no SD1.5 source: they are reported in the return
+    value ("not_loaded") and must come from an X-Portrait or AnimateDiff checkpoint.
+    """
+    sd = read_state_dict(source) if not isinstance(source, dict) else source
+    name = str(source) if not isinstance(source, dict) else "state dict"
+    unet_sd = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    if not unet_sd:
+        raise CheckpointError(f"{name} has no model.diffusion_model.* keys: not an SD1.5 single-file checkpoint "
+                              "(diffusers folders must be converted to the original single-file layout)")
+    vae_sd = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    rest, text = split_text_encoder(sd)
+    known = set(BUFFER_NAMES)
+    stray = [k for k in rest if not k.startswith(("model.diffusion_model.", "first_stage_model.", *SD15_IGNORED))
+             and k not in known]
+    raise_on_mismatch(name, [], stray, [], "this is not a plain SD1.5 checkpoint; X-Portrait files go to --checkpoint")
+    # the main UNet must consume every SD key (its SD part is exactly SD1.5)
+    unet = model.unet
+    sd_part = {k: tuple(v.shape) for k, v in unet.state_dict().items() if "motion_module" not in k}
+    raise_on_mismatch(f"{name} (SD1.5 UNet)", *diff_keys(sd_part, _shapes(unet_sd)),
+                      fix=f"the file's UNet does not fit preset {model.cfg.name}; use an SD1.5 (not SD2/SDXL) checkpoint")
+    targets = {"model.diffusion_model.": unet, "appearance_control_model.": model.appearance_control_model,
+               "pose_control_model.": model.pose_control_model,
+               "local_pose_control_model.": model.local_pose_control_model}
+    loaded: set[str] = set()
+    for prefix, net in targets.items():
+        own = net.state_dict()
+        part = {k: v for k, v in unet_sd.items() if k in own and own[k].shape == v.shape}
+        net.load_state_dict(part, strict=False)
+        loaded.update(prefix + k for k in part)
+    vae_expected = {k: tuple(v.shape) for k, v in model.first_stage_model.state_dict().items()}
+    raise_on_mismatch(f"{name} (VAE)", *diff_keys(vae_expected, _shapes({k[len('first_stage_model.'):]: v
+                                                                       for k, v in vae_sd.items()})),
+                      fix="use a checkpoint with the SD kl-f8 VAE under first_stage_model.*")
+    model.first_stage_model.load_state_dict({k[len("first_stage_model."):]: v for k, v in vae_sd.items()})
+    loaded.update(vae_sd)
+    if hasattr(model, "cond_stage_model") and text:
+        load_text_encoder(model.cond_stage_model.transformer, text, name)
+        loaded.update("cond_stage_model.transformer." + k for k in model.cond_stage_model.transformer.state_dict())
+    not_loaded = [k for k in model.state_dict() if k not in loaded and k not in known]
+    return {"loaded": sorted(loaded), "not_loaded": not_loaded}
+
+
+def load_taesd(taesd, encoder: str | Path | dict | None = None, decoder: str | Path | dict | None = None,
+               diffusers: str | Path | dict | None = None) -> None:
+    """Load TAESD weights: `taesd_encoder.pth`/`taesd_decoder.pth` (or .safetensors) Sequential layout,
+    or one diffusers AutoencoderTiny file (keys encoder.layers.N / decoder.layers.N, decoder index
+    shifted by one because the Clamp is not a module there)."""
+    def get(src):
+        return src if isinstance(src, dict) else read_state_dict(src)
+
+    parts = {}
+    if diffusers is not None:
+        sd = get(diffusers)
+        parts["encoder"] = {k[len("encoder.layers."):]: v for k, v in sd.items() if k.startswith("encoder.layers.")}
+        parts["decoder"] = {}
+        for k, v in sd.items():
+            if k.startswith("decoder.layers."):
+                idx, rest = k[len("decoder.layers."):].split(".", 1)
+                parts["decoder"][f"{int(idx) + 1}.{rest}"] = v
+        other = [k for k in sd if not k.startswith(("encoder.layers.", "decoder.layers."))]
+        raise_on_mismatch(str(diffusers), [], other, [], "pass a diffusers AutoencoderTiny (TAESD) weight file")
+    if encoder is not None:
+        parts["encoder"] = get(encoder)
+    if decoder is not None:
+        parts["decoder"] = get(decoder)
+    if not parts:
+        raise ValueError("load_taesd needs encoder=, decoder= or diffusers=")
+    for which, sd in parts.items():
+        net = getattr(taesd, which)
+        raise_on_mismatch(f"TAESD {which} weights", *diff_keys(_shapes(net.state_dict()), _shapes(sd)),
+                          fix=f"pass the SD1.x taesd_{which}.pth (not taesdxl/taesd3/taef1) for this preset's width")
+        net.load_state_dict(sd, strict=True)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def manifest_shapes(path: Path) -> dict[str, tuple]:
+    """Key -> shape from a key manifest (full_keys.json format) or from a checkpoint file."""
+    if path.suffix == ".json":
+        d = json.loads(path.read_text())
+        keys = d.get("keys", d)
+        return {k: tuple(v["shape"] if isinstance(v, dict) else v) for k, v in keys.items()}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return _shapes(read_state_dict(path))
+
+
+def check_keys(path: Path, preset: str) -> tuple[int, dict[str, tuple]]:
+    """Verify every key/shape of FILE maps onto the preset's model (built on the meta device)."""
+    from models.config import XPortraitConfig
+    from models.xportrait import XPortrait
+    cfg = XPortraitConfig.from_name(preset)
+    with torch.device("meta"):
+        model = XPortrait(cfg, with_text_encoder=True)
+    expected = _shapes(model.state_dict())
+    provided = manifest_shapes(path)
+    if POSITION_IDS in provided:
+        if provided[POSITION_IDS] != (1, cfg.clip.max_positions):
+            raise CheckpointError(f"{POSITION_IDS} has shape {provided[POSITION_IDS]}, expected (1, {cfg.clip.max_positions})")
+        expected[POSITION_IDS] = provided[POSITION_IDS]
+    missing, unexpected, shapes = diff_keys(expected, provided)
+    raise_on_mismatch(str(path), missing, unexpected, shapes,
+                      f"the file is not an X-Portrait checkpoint of preset {preset}")
+    return len(provided), expected
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.weights")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ck = sub.add_parser("check-keys", help="verify that every key and shape of FILE maps onto our model")
+    ck.add_argument("file", type=Path, help="key manifest (.json like full_keys.json) or checkpoint (.th/.safetensors)")
+    ck.add_argument("--preset", default="sd15")
+    args = p.parse_args(argv)
+    try:
+        n, expected = check_keys(args.file, args.preset)
+    except (CheckpointError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    numel = sum(int(torch.Size(s).numel()) for s in expected.values())
+    print(f"ok: all {n} keys of {args.file} map onto preset {args.preset} ({numel:,} elements, shapes match)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
