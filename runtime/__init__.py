@@ -1,0 +1,1 @@
+"""Streaming inference runtime: backends, stream state, the few-step pipeline."""
