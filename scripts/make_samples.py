@@ -35,7 +35,7 @@ def astronaut_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("scikit-image is not installed: pip install --no-deps scikit-image==0.26.0"
                          " (or pass --astronaut PATH)")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "astronaut.png"
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "astronaut.png"
 
 
 def blink(h: int, w: int, eye: np.ndarray, amount: float, r: tuple[float, float]):
@@ -58,7 +58,7 @@ def mouth_open(h: int, w: int, left: np.ndarray, right: np.ndarray, gap: float):
     fall = np.where(d > 0, np.exp(-(u / (2.5 * half_w)) ** 2), np.exp(-(u / half_w) ** 2))
     src_d = np.where(np.abs(d) <= hx, 0.0, d - np.sign(d) * hx * fall)
     alpha = np.clip(hx - np.abs(d) + 0.5, 0, 1) * (hx > 0.5)
-    return src_d - d, alpha.astype(np.float32)
+    return (src_d - d).astype(np.float32), alpha.astype(np.float32)
 
 
 def frame_at(img: np.ndarray, lm, t: float) -> np.ndarray:
@@ -71,18 +71,19 @@ def frame_at(img: np.ndarray, lm, t: float) -> np.ndarray:
     dy = blink(h, w, lm.right_eye, b, eye_r) + blink(h, w, lm.left_eye, b, eye_r)
     mdy, alpha = mouth_open(h, w, left, right, gap=0.14 * (lm.box[3] - lm.box[1]) * m)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    out = cv2.remap(img, x, y + dy + mdy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    out = cv2.remap(img, x, (y + dy + mdy).astype(np.float32), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     out = out * (1 - alpha[..., None]) + MOUTH_COLOUR * alpha[..., None]
 
-    # head motion about the face centre, then a square crop 2.8x the face box, to SIZE px
+    # head motion about the face centre, then a square view 2.6x the face box, to SIZE px;
+    # the photo's top edge is close above the hair, so the face sits a little above centre
     c = (lm.box[:2] + lm.box[2:]) / 2
     angle = 7.0 * np.sin(2 * np.pi * t / 3.0)
-    scale = (1 + 0.07 * np.sin(2 * np.pi * t / 3.0 + 1.0)) * SIZE / (2.8 * (lm.box[3] - lm.box[1]))
+    scale = (1 + 0.07 * np.sin(2 * np.pi * t / 3.0 + 1.0)) * SIZE / (2.6 * (lm.box[3] - lm.box[1]))
     rot = cv2.getRotationMatrix2D((float(c[0]), float(c[1])), angle, scale)
     shift = np.array([14 * np.sin(2 * np.pi * t / 2.5 + 0.5), 8 * np.sin(2 * np.pi * t / 1.7)])
-    rot[:, 2] += np.array([SIZE / 2, SIZE / 2]) + shift - c  # face centre -> frame centre
+    rot[:, 2] += np.array([0.5 * SIZE, 0.44 * SIZE]) + shift - c  # face centre -> that point
     return cv2.warpAffine(np.clip(out + 0.5, 0, 255).astype(np.uint8), rot, (SIZE, SIZE),
-                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def main() -> None:
