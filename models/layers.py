@@ -24,10 +24,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (official GroupNorm32)."""
+    """GroupNorm computed in float32 whatever the input and parameter dtypes (official GroupNorm32)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
+                            self.eps).type(x.dtype)
 
 
 def norm32(ch: int) -> GroupNorm32:

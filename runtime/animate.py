@@ -1,0 +1,223 @@
+"""Animate a portrait with a driving video: `python -m runtime.animate --source IMG --driving VIDEO --out OUT.mp4`.
+
+With no arguments it runs a demo on the shipped samples (samples/source.png, samples/driving.mp4)
+with seeded random weights of the `tiny` preset on the CPU (about a minute on 2 cores). Random
+weights make no picture: the console and a caption burned into the video say so and how to get
+the real checkpoint. With `--checkpoint model_state-415001.th --preset sd15` it runs the real
+model (official recipe by default: DDIM 30 steps = 31 evaluations, CFG 5, 16-frame windows
+overlapping by 4). Writes OUT.mp4 (the animation, driving fps, one output frame per driving
+frame) and OUT_preview.mp4 (source | re-framed driving | output). docs/pipeline.md has details.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.pipeline import CHECKPOINT_HELP, DEFAULT_CFG, DEFAULT_STEPS, SamplingConfig, animate, load_models
+from runtime.windows import WindowSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_SOURCE = ROOT / "samples" / "source.png"
+SAMPLE_DRIVING = ROOT / "samples" / "driving.mp4"
+DEFAULT_OUT = Path("artifacts") / "animation.mp4"
+DEMO_STEPS = 2  # steps when running on random weights and --steps is not given (keeps the demo ~1 min)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SHORT_CAPTION = ["RANDOM WEIGHTS: no real", "picture; needs --checkpoint"]
+LONG_CAPTION = ["RANDOM WEIGHTS: not a real animation. Real pictures need",
+                "model_state-415001.th (HF fffiloni/X-Portrait) via --checkpoint"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runtime.animate", description=__doc__.split("\n\n")[0])
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--source", type=Path, default=SAMPLE_SOURCE, help="portrait image (default: samples/source.png)")
+    io.add_argument("--driving", type=Path, default=SAMPLE_DRIVING, help="driving video (default: samples/driving.mp4)")
+    io.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output mp4 (default: artifacts/animation.mp4); the preview goes to OUT_preview.mp4")
+    io.add_argument("--max-frames", type=int, default=None, help="use only the first N driving frames")
+    io.add_argument("--resolution", type=int, default=None, help="working size in pixels (default: the preset's)")
+    io.add_argument("--best-frame", type=int, default=-1, help="driving frame for re-framing; -1 auto (default), -2 none")
+    io.add_argument("--no-crop", action="store_true", help="do not crop the source around the face")
+    io.add_argument("--no-preview", action="store_true", help="skip OUT_preview.mp4")
+    w = p.add_argument_group("weights")
+    w.add_argument("--checkpoint", type=Path, default=None,
+                   help="official X-Portrait model_state-415001.th; without it: seeded random weights (demo)")
+    w.add_argument("--preset", choices=("tiny", "sd15"), default=None, help="default: sd15 with --checkpoint, else tiny")
+    w.add_argument("--sd15-base", type=Path, default=None, help="SD1.5 single-file weights (CLIP if the checkpoint lacks it)")
+    w.add_argument("--lora", type=Path, default=None, help="kohya LoRA fused into the main UNet (e.g. LCM-LoRA)")
+    w.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default: 1)")
+    w.add_argument("--taesd", type=Path, default=None, help="TAESD weights: dir with taesd_{encoder,decoder}.pth or a diffusers file")
+    w.add_argument("--encoder", choices=("vae", "taesd"), default="vae", help="source encoder (default: vae = full KL VAE)")
+    w.add_argument("--decoder", choices=("vae", "taesd"), default="vae", help="frame decoder (default: vae = full KL VAE)")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
+    r.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp32 on cpu, fp16 on cuda")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--sampler", choices=tuple(DEFAULT_STEPS), default="ddim", help="default: ddim (official)")
+    s.add_argument("--steps", type=int, default=None,
+                   help=f"default: {DEFAULT_STEPS} ({DEMO_STEPS} with random weights)")
+    s.add_argument("--cfg", type=float, default=None, help=f"CFG scale, 1 = off; default: {DEFAULT_CFG}")
+    s.add_argument("--gamma", type=float, default=0.3, help="TCD stochasticity, 0 = DDIM jumps (default: 0.3)")
+    s.add_argument("--seed", type=int, default=0, help="noise, random offsets and random weights (default: 0)")
+    s.add_argument("--init", choices=("official", "noise"), default="official",
+                   help="x_T: source latent noised to t=999 (official, default) or pure noise")
+    s.add_argument("--shared-noise", action="store_true", help="one noise tensor for all frames (less flicker)")
+    s.add_argument("--step-noise", choices=("fresh", "fixed"), default="fresh", help="LCM/TCD re-noising: a fresh draw per step (default) or one fixed tensor")
+    s.add_argument("--window", type=int, default=16, help="frames per temporal window (default: 16)")
+    s.add_argument("--overlap", type=int, default=4, help="frames shared by neighbouring windows (default: 4)")
+    s.add_argument("--random-offsets", action="store_true", help="official random per-step window offset (seeded)")
+    return p.parse_args(argv)
+
+
+def _caption(frames: np.ndarray, lines: list[str]) -> np.ndarray:
+    """Burn `lines` into the bottom of (N, H, W, 3) uint8 frames on a darkened band, scaled to fit W."""
+    import cv2
+    h, wd = frames.shape[1:3]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = min(0.5, (wd - 6) / max(cv2.getTextSize(s, font, 1.0, 1)[0][0] for s in lines))
+    line_h = int(cv2.getTextSize("Ag", font, scale, 1)[0][1] * 1.6) + 2
+    top = max(0, h - line_h * len(lines) - 3)
+    mask = np.zeros((h - top, wd), np.uint8)  # the text is the same in every frame: render it once
+    for k, s in enumerate(lines):
+        cv2.putText(mask, s, (3, line_h * (k + 1) - line_h // 4), font, scale, 255, 1, cv2.LINE_AA)
+    alpha = mask[None, :, :, None].astype(np.float32) / 255.0
+    band = frames[:, top:].astype(np.float32) * 0.3
+    out = frames.copy()
+    out[:, top:] = (band * (1 - alpha) + 255.0 * alpha + 0.5).astype(np.uint8)
+    return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    preset: str
+    dtype: torch.dtype
+    resolution: int
+    sampling: SamplingConfig
+
+
+def min_resolution(preset: str) -> int:
+    """Smallest multiple of 64 whose deepest UNet level gives GroupNorm(32) more than one value per group."""
+    from models.config import XPortraitConfig
+    u = XPortraitConfig.from_name(preset).unet
+    per_group = u.model_channels * u.channel_mult[-1] // 32
+    r = 64
+    while per_group * (r // 64) ** 2 < 2:
+        r += 64
+    return r
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    """Resolve preset-, device- and sampler-dependent defaults; raise ValueError on bad values."""
+    from models.config import XPortraitConfig
+    preset = args.preset or ("sd15" if args.checkpoint else "tiny")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device (CPU-only build or no GPU): use --device cpu")
+    dtype = DTYPES[args.dtype or ("fp16" if args.device == "cuda" else "fp32")]
+    resolution = args.resolution or XPortraitConfig.from_name(preset).image_size
+    if resolution % 64 or resolution < min_resolution(preset):
+        raise ValueError(f"--resolution must be a multiple of 64 and >= {min_resolution(preset)} for preset "
+                         f"{preset}, got {resolution}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
+    steps = args.steps if args.steps is not None else (DEMO_STEPS if args.checkpoint is None else None)
+    window = WindowSpec(args.window, args.overlap, "random" if args.random_offsets else "fixed")
+    sampling = SamplingConfig(sampler=args.sampler, steps=steps, cfg_scale=args.cfg, gamma=args.gamma,
+                              init=args.init, shared_noise=args.shared_noise, step_noise=args.step_noise,
+                              seed=args.seed, window=window).resolved()
+    return Settings(preset, dtype, resolution, sampling)
+
+
+class Progress:
+    """One tqdm bar per pipeline stage; `progress(stage, total)` returns the bar's update()."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, stage: str, total: int):
+        from tqdm import tqdm
+        self.close()
+        self.bar = tqdm(total=total, desc=stage, unit="window" if stage == "denoise" else "frame")
+        return self.bar.update
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def write_outputs(out: Path, images: torch.Tensor, source: torch.Tensor, driving: torch.Tensor, fps: float,
+                  preview: bool, caption: bool) -> tuple[int, list[Path]]:
+    """OUT.mp4 (the frames) and OUT_preview.mp4 (source | driving | output); captions if asked."""
+    from runtime.video_io import to_uint8_frames, write_video
+    frames = to_uint8_frames(images)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = write_video(out, _caption(frames, SHORT_CAPTION) if caption else frames, fps)
+    if not preview:
+        return n, [out]
+    panels = np.concatenate([np.repeat(to_uint8_frames(source), n, axis=0), to_uint8_frames(driving), frames], axis=2)
+    path = out.with_name(out.stem + "_preview.mp4")
+    write_video(path, _caption(panels, LONG_CAPTION) if caption else panels, fps)
+    return n, [out, path]
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    """The whole job; raises on bad input. Returns a summary (frames, fps, paths, seconds, config)."""
+    from runtime.preprocess import preprocess
+    from runtime.video_io import read_image, read_video
+
+    t0 = time.perf_counter()
+    st = settings(args)
+    source, video = read_image(args.source), read_video(args.driving)
+    frames = video.frames[:args.max_frames] if args.max_frames else video.frames
+    log(f"driving: {args.driving} ({len(frames)} of {len(video.frames)} frames, {video.fps:g} fps); "
+        f"source: {args.source}; working size {st.resolution}x{st.resolution}")
+    prep = preprocess(source, frames, resolution=st.resolution, best_frame=args.best_frame,
+                      crop_source=not args.no_crop)
+    t_prep = time.perf_counter()
+    log(f"preprocess: faces in {int(prep.found.sum())}/{len(prep.found)} frames, re-framed to frame "
+        f"{prep.best_frame} ({t_prep - t0:.1f} s)")
+    models = load_models(st.preset, args.checkpoint, args.sd15_base, args.lora, args.lora_scale, args.taesd,
+                         need_taesd="taesd" in (args.encoder, args.decoder), seed=args.seed,
+                         device=args.device, dtype=st.dtype)
+    for note in models.notes:
+        log(("WARNING: " if models.random_weights else "") + note)
+    c = st.sampling
+    log(f"model: preset {st.preset}, {args.device} {str(st.dtype).removeprefix('torch.')}; sampler {c.sampler} "
+        f"{c.steps} steps, CFG {c.cfg_scale:g}, init {c.init}, window {c.window.size}/overlap {c.window.overlap}")
+    progress = Progress()
+    try:
+        result = animate(models.model, models.context, prep.source, prep.driving, prep.local, c,
+                         taesd_encoder=models.taesd if args.encoder == "taesd" else None,
+                         taesd_decoder=models.taesd if args.decoder == "taesd" else None, progress=progress)
+    finally:
+        progress.close()
+    t_gen = time.perf_counter()
+    n, paths = write_outputs(args.out, result.images, prep.source, prep.driving, video.fps,
+                             not args.no_preview, models.random_weights)
+    t_end = time.perf_counter()
+    log(f"wrote {n} frames at {video.fps:g} fps: {', '.join(map(str, paths))} (total {t_end - t0:.1f} s: "
+        f"preprocess {t_prep - t0:.1f}, generate {t_gen - t_prep:.1f}, write {t_end - t_gen:.1f})")
+    if models.random_weights:
+        log("NOTE: these frames come from RANDOM weights, not a portrait model; " + CHECKPOINT_HELP)
+    return {"frames": n, "fps": video.fps, "paths": paths, "seconds": t_end - t0, "config": c}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # NoFaceError, CheckpointError are ValueErrors
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
