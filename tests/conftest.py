@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton fixes interpreter mode at its first import: on a machine without CUDA, run kernels in the
+# CPU interpreter (kernel tests, golden parity with --kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GOLDEN = Path(os.environ.get("XPORTRAIT_GOLDEN", ROOT.parent / "shared" / "golden" / "xportrait"))

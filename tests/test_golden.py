@@ -71,3 +71,26 @@ def test_golden_runner_is_shape_generic(golden_dir, tmp_path):
     from models.golden import run
     rows = run(tmp_path, 1e-5)
     assert all(ok for _, _, ok in rows), [r for r in rows if not r[2]][:5]
+
+
+def test_golden_eps_cond_through_triton_kernels(golden_dir, golden_cfg):
+    """The fused reference-attention kernel inside the model reproduces the official eps_cond.
+
+    Runs the Triton kernel (compiled on CUDA, interpreter on CPU) in all 16 attn1 layers; the full
+    golden run with kernels is `python -m models.golden DIR --kernels`.
+    """
+    import pytest
+    pytest.importorskip("triton", reason="Triton is a test extra: pip install -e .[test]")
+    from models.weights import load_xportrait
+    from models.xportrait import Conditioning, XPortrait
+    io = load_file(str(golden_dir / "io.safetensors"))
+    model = XPortrait(golden_cfg).eval()
+    load_xportrait(model, golden_dir / "state.safetensors")
+    model.set_attention_kernels(True)
+    ref = golden_cfg.vae.scale_factor * model.first_stage_model.encode(io["source_image"])[0]
+    cond = Conditioning(ref, io["pose_hint"], io["local_hint"])
+    t = io["timesteps"].round().long()
+    with torch.no_grad():
+        eps = model.eps_cond(io["x_noisy"], t, io["context"], cond, frames=t.shape[0])
+    err = (eps - io["eps_cond"]).abs().max() / io["eps_cond"].abs().max()
+    assert err < 1e-4, err

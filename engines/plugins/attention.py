@@ -45,17 +45,20 @@ def _jit_function(kernel):
     return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
 
 
-def _compile(kernel, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, target=None):
+def _compile(kernel, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, aligned=(), target=None):
     """Compile `kernel` with every non-pointer, non-constexpr parameter as i32 (TensorRT's SymInt32).
 
-    target: a triton.backends.compiler.GPUTarget; None compiles for the current GPU.
+    aligned: parameters promised to be multiples of 16 (elements for ints, bytes for pointers), which
+    lets Triton vectorize loads as its JIT does when it sees such values. target: a
+    triton.backends.compiler.GPUTarget; None compiles for the current GPU.
     """
     import triton
 
     fn = _jit_function(kernel)
     signature = {name: pointers.get(name, "i32") for name in fn.arg_names}
     signature.update({name: "constexpr" for name in constexprs})
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
     md = compiled.metadata
     if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
@@ -65,16 +68,21 @@ def _compile(kernel, pointers: dict, constexprs: dict, num_warps: int, num_stage
 
 def compile_reference_attention(dtype: torch.dtype, heads: int, channels: int, scale: float,
                                 tokens_hint: int = 4096, target=None):
-    """(compiled kernel, launch config) for xportrait::reference_attention; PTX in compiled.asm["ptx"]."""
+    """(compiled kernel, launch config) for xportrait::reference_attention; PTX in compiled.asm["ptx"].
+
+    Assumes contiguous (.., T, C) tensors, as TensorRT hands them to plugins."""
     d = channels // heads
     d0, d1 = ra.split_head_dim(d)
-    cfg = ra._launch_config(tokens_hint, d0, d1)
+    cfg = ra._launch_config(tokens_hint, d0, d1, fp32=dtype == torch.float32)
     ty = "*" + _TRITON_DTYPES[dtype]
+    pointers = {name: ty for name in ("Q", "K", "V", "KR", "VR", "Out")}
+    # All strides are 0, C or a multiple of C; buffers are 256-byte aligned.
+    aligned = [*pointers, *(n for n in _jit_function(ra._ref_attn_fwd).arg_names if n.startswith("stride_"))]
     compiled = _compile(
-        ra._ref_attn_fwd, {name: ty for name in ("Q", "K", "V", "KR", "VR", "Out")},
+        ra._ref_attn_fwd, pointers,
         dict(HEADS=heads, HEAD_DIM=d, D0=d0, D1=d1, QK_SCALE=scale * ra._LOG2E, BLOCK_M=cfg["BLOCK_M"],
              BLOCK_N=cfg["BLOCK_N"], PRECISION="ieee" if dtype == torch.float32 else "tf32", INTERP_BF16=False),
-        cfg["num_warps"], cfg["num_stages"], target)
+        cfg["num_warps"], cfg["num_stages"], aligned if channels % 16 == 0 else (), target)
     return compiled, cfg
 
 
@@ -86,11 +94,12 @@ def compile_motion_attention(dtype: torch.dtype, heads: int, channels: int, scal
     ty = "*" + _TRITON_DTYPES[dtype]
     pointers = {name: ty for name in ("Q", "KN", "VN", "KC", "VC", "PEK", "PEV", "Out")}
     pointers.update(WS="*i32", NP="*i32")
+    aligned = [*pointers, "stride_kcl", "stride_vcl"]  # slot strides are R*C
     compiled = _compile(
         ma._motion_attn_fwd, pointers,
-        dict(HEAD_DIM=d, D0=d0, D1=d1, QK_SCALE=scale * ra._LOG2E, BLOCK_R=cfg["BLOCK_R"], WRITE_CACHE=False,
-             INTERP_BF16=False),
-        cfg["num_warps"], 2, target)
+        dict(C=channels, HEAD_DIM=d, D0=d0, D1=d1, QK_SCALE=scale * ra._LOG2E, BLOCK_R=cfg["BLOCK_R"],
+             WRITE_CACHE=False, INTERP_BF16=False),
+        cfg["num_warps"], cfg["num_stages"], aligned if channels % 16 == 0 else (), target)
     return compiled, cfg
 
 
@@ -201,10 +210,7 @@ def _register_motion_attention(trt, trtp) -> None:
         L, P = k_cache.shape_expr[0], pe_k.shape_expr[0]
         c = _static(C, "channel dim of q")
         compiled, cfg = compile_motion_attention(_torch_dtype(trt, q.dtype), heads, c, scale)
-        scalars = [R, L, P,
-                   c, c, c,  # q, k_new, v_new row strides
-                   R * c, c, R * c, c,  # k_cache, v_cache slot and row strides
-                   c, c, c]  # pe_k, pe_v, out
+        scalars = [R, L, P, R * c, R * c]  # rows, ring capacity, table length, cache slot strides
         launch = trtp.KernelLaunchParams()
         launch.grid_x = heads
         launch.grid_y = trtp.cdiv(R, cfg["BLOCK_R"])
