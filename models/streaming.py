@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.layers import AttnIO, Downsample, Upsample
+from models.layers import Downsample, Upsample
 from models.motion import MotionSlot
 from models.unet import MainUNet
 
@@ -115,26 +115,9 @@ class StreamingUNet(nn.Module):
         if len(k_cache) != self.num_layers or len(v_cache) != self.num_layers:
             raise ValueError(f"need {self.num_layers} k/v caches (one per motion-attention layer), "
                              f"got {len(k_cache)}/{len(v_cache)}")
-        emb = u.embed(t, x.dtype)
-        attn = AttnIO(ref_kv=ref_kv)
         state = _Ring(iter(k_cache), iter(v_cache), write_slot, n_past, [], [])
-        hs, h, m = [], x, 0
-        for i, block in enumerate(u.input_blocks):
-            h = block(h, emb, context, attn)
-            if i in u.res_input_ids:
-                h = _stream_module(u.input_blocks_motion_module[m], h, state)
-                m += 1
-            hs.append(h)
-        h = u.middle_block(h, emb, context, attn)
-        if control is not None:
-            h = h + control[-1]
-        for j, block in enumerate(u.output_blocks):
-            skip = hs.pop()
-            if control is not None:
-                skip = skip + control[len(u.output_blocks) - 1 - j]
-            h = block(torch.cat([h, skip], dim=1), emb, context, attn)
-            h = _stream_module(u.output_blocks_motion_module[j], h, state)
-        return u.out(h), state.k_new, state.v_new
+        eps = u.run(x, t, context, ref_kv, control, lambda module, h: _stream_module(module, h, state))
+        return eps, state.k_new, state.v_new
 
 
 class _Ring:

@@ -115,13 +115,19 @@ class MainUNet(UNetBody):
         per temporal window (default: the whole batch is one window).
         """
         frames = frames or x.shape[0]
+        return self.run(x, t, context, ref_kv, control, lambda module, h: module(h, frames))
+
+    def run(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, ref_kv: list | None,
+            control: list[torch.Tensor] | None, motion) -> torch.Tensor:
+        """The block loop shared by the full-window and streaming UNets; `motion(module, h)` applies
+        one of the 20 motion modules (models/streaming.py passes its ring-cache version)."""
         emb = self.embed(t, x.dtype)
         attn = AttnIO(ref_kv=ref_kv)
         hs, h, m = [], x, 0
         for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context, attn)
             if i in self.res_input_ids:
-                h = self.input_blocks_motion_module[m](h, frames)
+                h = motion(self.input_blocks_motion_module[m], h)
                 m += 1
             hs.append(h)
         h = self.middle_block(h, emb, context, attn)
@@ -132,7 +138,7 @@ class MainUNet(UNetBody):
             if control is not None:
                 skip = skip + control[len(self.output_blocks) - 1 - j]
             h = block(torch.cat([h, skip], dim=1), emb, context, attn)
-            h = self.output_blocks_motion_module[j](h, frames)
+            h = motion(self.output_blocks_motion_module[j], h)
         return self.out(h)
 
 
