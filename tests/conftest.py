@@ -38,3 +38,12 @@ def tiny_model():
     from models.xportrait import XPortrait
     torch.manual_seed(0)
     return init_random_(XPortrait(XPortraitConfig.from_name("tiny"), with_text_encoder=True), seed=1).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny graphs gain nothing from 2 threads and lose a lot when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

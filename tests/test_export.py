@@ -45,13 +45,7 @@ def rel(got: np.ndarray, ref: torch.Tensor) -> float:
     return float(np.abs(got.astype(np.float32) - ref).max() / np.abs(ref).max())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny graphs gain nothing from 2 threads, and lose a lot when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,12 +20,7 @@ from models.streaming import (StreamingUNet, alloc_ring, motion_attention, motio
 HW = (16, 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
