@@ -16,7 +16,6 @@ ref_k_00 -> unet's ref_k_00, control's ctrl_00 -> unet's ctrl_00, hint's pose_fe
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,17 +255,12 @@ def _lazy_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _meta_checked(cfg: XPortraitConfig, checkpoint, need_clip: bool) -> tuple[XPortrait, dict]:
-    from models.weights import load_xportrait
+    from models.weights import meta_checked
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     sd = _lazy_state_dict(path)
-    with torch.device("meta"):
-        model = XPortrait(cfg, with_text_encoder=True).eval()
-    with warnings.catch_warnings():  # copying into meta tensors is a no-op; this only checks keys/shapes
-        warnings.simplefilter("ignore", UserWarning)
-        load_xportrait(model, sd, require_text_encoder=need_clip)
-    return model, sd
+    return meta_checked(cfg, sd, require_text_encoder=need_clip), sd
 
 
 def _load_prefix(net: nn.Module, sd: dict, prefix: str) -> None:

@@ -115,6 +115,23 @@ def load_xportrait(model, source: str | Path | dict, require_text_encoder: bool 
     return text
 
 
+def meta_checked(cfg, sd: dict, require_text_encoder: bool = False):
+    """Check `sd` against an XPortrait of `cfg` built on the meta device; return that (empty) model.
+
+    A wrong file fails in seconds, before 3B parameters are allocated; the caller then materialises
+    the model (`to_empty`) or parts of it and loads them strictly.
+    """
+    import warnings
+
+    from models.xportrait import XPortrait
+    with torch.device("meta"):
+        model = XPortrait(cfg, with_text_encoder=True).eval()
+    with warnings.catch_warnings():  # copying into meta tensors is a no-op, and torch warns per key
+        warnings.simplefilter("ignore", UserWarning)
+        load_xportrait(model, sd, require_text_encoder=require_text_encoder)
+    return model
+
+
 def load_text_encoder(clip, text_sd: dict, name: str = "checkpoint") -> None:
     """Load CLIP text weights, accepting both `text_model.*` and the older un-nested layout."""
     if text_sd and not any(k.startswith("text_model.") for k in text_sd):

@@ -86,11 +86,20 @@ class XPortrait(nn.Module):
         local = self.local_pose_control_model(x, t, context, local_feat)
         return [p + q for p, q in zip(pose, local)]
 
+    def eps_from_cache(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, ref_kv: list,
+                       pose_feat: torch.Tensor, local_feat: torch.Tensor, scale: float = 1.0,
+                       frames: int | None = None) -> torch.Tensor:
+        """eps (CFG-combined when scale != 1) from the cached pieces: reference K/V for this t (per
+        source and step) and both hint features (per frame). The runtime's per-frame-and-step work."""
+        control = self.control(x, t, context, pose_feat, local_feat)
+        e_c = self.unet(x, t, context, ref_kv=ref_kv, control=control, frames=frames)
+        if scale == 1.0:
+            return e_c
+        return cfg_combine(e_c, self.eps_uncond(x, t, context, frames), scale)
+
     def eps_cond(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cond: Conditioning,
                  frames: int | None = None) -> torch.Tensor:
-        ref_kv = self.reference_kv(cond.ref_latent[:1], t, context)
-        control = self.control(x, t, context, *self.hint_features(cond.pose_hint, cond.local_hint))
-        return self.unet(x, t, context, ref_kv=ref_kv, control=control, frames=frames)
+        return self.eps_cfg(x, t, context, cond, 1.0, frames)
 
     def eps_uncond(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                    frames: int | None = None) -> torch.Tensor:
@@ -99,10 +108,9 @@ class XPortrait(nn.Module):
 
     def eps_cfg(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cond: Conditioning,
                 scale: float, frames: int | None = None) -> torch.Tensor:
-        e_c = self.eps_cond(x, t, context, cond, frames)
-        if scale == 1.0:
-            return e_c
-        return cfg_combine(e_c, self.eps_uncond(x, t, context, frames), scale)
+        ref_kv = self.reference_kv(cond.ref_latent[:1], t, context)
+        return self.eps_from_cache(x, t, context, ref_kv, *self.hint_features(cond.pose_hint, cond.local_hint),
+                                   scale=scale, frames=frames)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.first_stage_model.decode(latent)

@@ -18,13 +18,12 @@ float32 whatever the model dtype. Pieces are separate so a test can drive them w
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from models.samplers import (INIT_MODES, SAMPLERS, cfg_combine, draw_noise, initial_latent, make_sampler,
+from models.samplers import (INIT_MODES, SAMPLERS, draw_noise, initial_latent, make_sampler,
                              run_sampler, step_noise_fn)
 from models.schedule import ddpm_buffers
 from models.xportrait import XPortrait
@@ -101,11 +100,8 @@ class Denoiser:
         tt = torch.full((f,), t, dtype=torch.long, device=self.device)
         ctx = self.context.expand(f, -1, -1)
         idx = idx.to(self.device)
-        control = self.model.control(xm, tt, ctx, self.pose_feat[idx], self.local_feat[idx])
-        unet = self.model.unet
-        eps = unet(xm, tt, ctx, ref_kv=self.reference_kv(t), control=control, frames=f)
-        if self.cfg_scale != 1.0:  # official uncond branch: no reference, no ControlNets (spec §6.3)
-            eps = cfg_combine(eps, unet(xm, tt, ctx, frames=f), self.cfg_scale)
+        eps = self.model.eps_from_cache(xm, tt, ctx, self.reference_kv(t), self.pose_feat[idx],
+                                        self.local_feat[idx], scale=self.cfg_scale, frames=f)
         return eps.float()
 
 
@@ -253,7 +249,7 @@ def load_models(preset: str = "tiny", checkpoint=None, sd15_base=None, lora=None
     it is cheap to keep); GroupNorm32 layers compute in fp32 whatever their parameters' dtype.
     """
     from models.config import XPortraitConfig
-    from models.weights import load_sd15_base, load_xportrait, read_state_dict
+    from models.weights import load_sd15_base, load_xportrait, meta_checked, read_state_dict
     cfg = XPortraitConfig.from_name(preset)
     notes: list[str] = []
     random_weights = checkpoint is None
@@ -268,11 +264,7 @@ def load_models(preset: str = "tiny", checkpoint=None, sd15_base=None, lora=None
         # check the keys on a meta-device model first: a wrong file fails in seconds, without
         # allocating (and default-initialising) 3B parameters; the strict loads then fill every tensor
         sd = read_state_dict(checkpoint)
-        with torch.device("meta"):
-            model = XPortrait(cfg, with_text_encoder=True).eval()
-        with warnings.catch_warnings():  # copying into meta tensors is a no-op, and torch warns per key
-            warnings.simplefilter("ignore", UserWarning)
-            load_xportrait(model, sd, require_text_encoder=sd15_base is None)
+        model = meta_checked(cfg, sd, require_text_encoder=sd15_base is None)
         model.to_empty(device="cpu")
         if sd15_base is not None:
             load_sd15_base(model, sd15_base)
