@@ -1,0 +1,273 @@
+"""The live loop: capture -> track -> device work -> present, each stage on its own thread.
+
+    capture (FrameSource's grabber thread, latest frame wins)
+      -> prepare thread: face tracking, pose/local hints (uint8)          -> LatestSlot
+      -> device thread: pinned upload on a copy stream, the session on a
+         compute stream, download into pinned memory on a copy stream      -> LatestSlot
+      -> presenting thread (the caller's): waits for the frame's download
+         event, draws the HUD, writes the sinks, logs latency
+
+Every hand-off is a one-item LatestSlot, so a slow stage drops stale driving frames (counted) and
+nothing queues: latency is bounded by a few frame times, whatever the run time. Streams are
+ordered by events. The device thread never waits on the GPU except to bound the work in flight to
+two frames (it waits for the event of the frame two before, which has normally long completed);
+the only per-frame wait is the presenting thread's, on the frame it is about to show.
+
+Commands from the UI (swap source, reset) are queued to the device thread and applied between
+frames, on its stream.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.live.clock import StageClock
+from runtime.live.session import LiveSession
+from runtime.live.slots import Closed, LatestSlot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tag:
+    """Travels with a driving frame through the device work."""
+    index: int
+    t_capture: float
+    face: bool
+    driving: np.ndarray | None
+    prep_ms: float
+    t_device: float = 0.0
+
+
+@dataclass
+class Result:
+    """A presented-ready frame: image on the host, its driving frame's tag, stage times (ms)."""
+    image: np.ndarray
+    tag: Tag
+    stages: dict[str, float]
+
+
+@dataclass
+class Counters:
+    frames_in: int = 0
+    no_face: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class _Pinned:
+    """Double-buffered host<->device transfers through page-locked memory (plain memory on the CPU)."""
+
+    def __init__(self, shape: tuple, device: torch.device, n: int):
+        self.cuda = device.type == "cuda"
+        self.host = [torch.empty(shape, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(n)]
+        self.done = [torch.cuda.Event() if self.cuda else None for _ in range(n)]
+        self.i = 0
+
+    def next(self) -> tuple[int, torch.Tensor]:
+        i = self.i
+        self.i = (self.i + 1) % len(self.host)
+        if self.cuda:
+            self.done[i].synchronize()  # the copy from/to this buffer, issued len(host) frames ago
+        return i, self.host[i]
+
+
+class Pipeline:
+    """Runs a LiveSession on frames from `source`, hints from `tracker`; results via `results()`."""
+
+    def __init__(self, session: LiveSession, source, tracker, every_frame: bool = False):
+        self.session, self.source, self.tracker = session, source, tracker
+        self.device = session.device
+        self.cuda = self.device.type == "cuda"
+        self.hints = LatestSlot(block=every_frame)
+        self.out = LatestSlot(block=every_frame)
+        self.commands: queue.Queue = queue.Queue()
+        self.counters = Counters()
+        self.status = "starting"
+        self.last_camera: np.ndarray | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+        r = session.size
+        self._up = _Pinned((2, r, r, 3), self.device, 2)
+        self._down = _Pinned((r, r, 3), self.device, 4)  # device writes one, slot holds one, presenter copies one
+        if self.cuda:
+            self.compute = torch.cuda.Stream(self.device)
+            self.copy_in = torch.cuda.Stream(self.device)
+            self.copy_out = torch.cuda.Stream(self.device)
+        self._clocks = [StageClock(self.device) for _ in range(4)]
+        self._inflight: list[torch.cuda.Event] = []
+
+    # ----------------------------------------------------------------------------- control
+    def start(self) -> "Pipeline":
+        self.source.start()
+        for target, name in ((self._prepare_loop, "prepare"), (self._device_loop, "device")):
+            t = threading.Thread(target=self._guard(target), name=f"live-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _guard(self, fn):
+        def run():
+            try:
+                fn()
+            except Closed:
+                pass
+            except BaseException as e:  # surfaced to the presenting thread by results()
+                self._error = e
+                self.stop()
+        return run
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.hints.close()
+        self.out.close()
+
+    def join(self, timeout: float = 5.0) -> None:
+        self.stop()
+        for t in self._threads:
+            t.join(timeout)
+        self.source.close()
+
+    def swap_source(self, image: np.ndarray, source_landmarks=None) -> None:
+        self.commands.put(("source", image, source_landmarks))
+
+    def reset(self) -> None:
+        self.commands.put(("reset",))
+
+    # -------------------------------------------------------------------------- threads
+    def _prepare_loop(self) -> None:
+        from runtime.live.capture import SourceEnded
+        while not self._stop.is_set():
+            try:
+                frame = self.source.read(timeout=0.1)
+            except SourceEnded:
+                self.status = "input ended"
+                self.hints.close()
+                return
+            if frame is None:
+                continue
+            self.counters.frames_in += 1
+            t0 = time.perf_counter()
+            hints = self.tracker(frame.rgb, frame.t_capture)
+            if hints is None:
+                self.counters.no_face += 1
+                self.status = "no face found yet: look into the camera"
+                self.last_camera = frame.rgb
+                continue
+            if not hints.face:
+                self.counters.no_face += 1
+            self.status = "ok" if hints.face else "no face: holding the last crop"
+            tag = Tag(frame.index, frame.t_capture, bool(hints.face), hints.pose,
+                      (time.perf_counter() - t0) * 1e3)
+            self.hints.put((hints.pose, hints.local, tag))
+
+    def _device_loop(self) -> None:
+        ctx = torch.cuda.stream(self.compute) if self.cuda else _nullcontext()
+        with ctx:
+            while not self._stop.is_set():
+                self._apply_commands()
+                item = self.hints.get(timeout=0.05)
+                if item is None:
+                    continue
+                self._run_frame(*item)
+        self.out.close()
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "reset":
+                self.session.reset()
+            elif cmd[0] == "source":
+                self.session.set_source(torch.from_numpy(np.ascontiguousarray(cmd[1])))
+                if cmd[2] is not None and hasattr(self.tracker, "set_source"):
+                    self.tracker.set_source(cmd[2])
+
+    def _run_frame(self, pose: np.ndarray, local: np.ndarray, tag: Tag) -> None:
+        tag.t_device = time.perf_counter()
+        if len(self._inflight) >= 2:  # bound the GPU work in flight (normally already complete)
+            self._inflight.pop(0).synchronize()
+        clock = self._clocks[tag.index % len(self._clocks)]
+        clock.start()
+        i, host = self._up.next()
+        host[0].numpy()[...] = pose
+        host[1].numpy()[...] = local
+        if self.cuda:
+            with torch.cuda.stream(self.copy_in):
+                dev = host.to(self.device, non_blocking=True)
+                self._up.done[i].record()
+            self.compute.wait_stream(self.copy_in)
+            dev.record_stream(self.compute)
+        else:
+            dev = host
+        clock.mark("upload")
+        res = self.session.step(dev[0], dev[1], tag, clock=clock)
+        if res is None:  # stream batch filling up
+            return
+        j, out_host = self._down.next()
+        if self.cuda:
+            self.copy_out.wait_stream(self.compute)
+            with torch.cuda.stream(self.copy_out):
+                out_host.copy_(res.image, non_blocking=True)
+                res.image.record_stream(self.copy_out)
+                clock.mark("download")
+                self._down.done[j].record()
+            ev = torch.cuda.Event()
+            ev.record(self.compute)
+            self._inflight.append(ev)
+        else:
+            out_host.copy_(res.image)
+            clock.mark("download")
+        self.out.put((j, res.tag, clock))
+
+    # ------------------------------------------------------------------------ presenting
+    def results(self, timeout: float = 0.1):
+        """Yield Results as they complete (None on timeout, so the caller can refresh a UI);
+        ends when the input ends or stop() is called; re-raises a stage's error."""
+        while True:
+            try:
+                item = self.out.get(timeout)
+            except Closed:
+                break
+            if item is None:
+                if self._error is not None:
+                    break
+                yield None
+                continue
+            j, tag, clock = item
+            if self.cuda:
+                self._down.done[j].synchronize()
+            image = self._down.host[j].numpy().copy()
+            yield Result(image, tag, {"prepare": tag.prep_ms, **clock.read()})
+        if self._error is not None:
+            raise self._error
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_every_frame(session: LiveSession, frames, hints_fn) -> list[Any]:
+    """Run every frame synchronously (no threads, no drops): for fidelity checks and tests."""
+    out = []
+    for k, rgb in enumerate(frames):
+        h = hints_fn(rgb)
+        if h is None:
+            continue
+        res = session.step(torch.from_numpy(h.pose), torch.from_numpy(h.local), k)
+        if res is not None:
+            out.append((res.tag, res.image.cpu().numpy()))
+    return out
