@@ -4,13 +4,15 @@
     eng.activate()                                        # or activate(shared_scratch) for shared memory
     out = eng.infer({"sample": x, "t": t}, stream)        # dict of output tensors (static buffers)
 
-- I/O are bound by name with set_tensor_address; execution is execute_async_v3 on a torch stream;
-  nothing syncs with the host.
-- Outputs live in buffers owned by the engine and are overwritten by the next call: clone what you keep.
+- I/O are bound by name with set_tensor_address where the tensors already are (persistent buffers
+  such as the temporal ring caches are never copied); execution is execute_async_v3 on a torch
+  stream; nothing syncs with the host.
+- One execution context per CUDA stream, so concurrent streams (sessions) never share bindings.
+- Outputs go into caller-provided buffers (`out=`) or into buffers owned by the stream's context,
+  overwritten by its next call: clone what you keep.
 - Shapes may change between calls inside the profile; outputs are reallocated on a change.
-- use_cuda_graph=True copies inputs into static buffers and replays a CUDA graph (full TensorRT:
-  torch.cuda.CUDAGraph capture; TensorRT-RTX: its built-in whole-graph capture strategy). A shape
-  change recaptures.
+- use_cuda_graph=True replays a CUDA graph per distinct set of bound addresses (full TensorRT:
+  torch.cuda.CUDAGraph capture; TensorRT-RTX: its built-in whole-graph capture strategy).
 - Engines that run one after another on one stream can share scratch memory: shared_scratch().
 
 Ideas from NVIDIA/TensorRT demo/Diffusion engine.py (USER_MANAGED memory, graph capture); written
@@ -86,10 +88,7 @@ class Engine:
         self.dtypes = {n: TORCH_DTYPES[trt_import.dtype_name(e.get_tensor_dtype(n))] for n in names}
         self.context = None
         self._runtime_cache = None
-        self._shapes: dict[str, tuple] = {}
-        self._inputs: dict[str, torch.Tensor] = {}  # static input buffers (CUDA graph mode only)
-        self._outputs: dict[str, torch.Tensor] = {}
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._contexts: dict[int, _Context] = {}  # per CUDA stream (cuda_stream handle)
 
     def _deserialize(self):
         plan = self.path.read_bytes()
@@ -135,7 +134,7 @@ class Engine:
             if have < need or scratch.data_ptr() % 256 or scratch.device != self.device:
                 raise EngineError(f"scratch must be a 256-byte aligned buffer of >= {need} bytes on {self.device}")
             self.context.set_device_memory(scratch.data_ptr(), need)
-        self._shapes, self._graph = {}, None
+        self._contexts = {}
 
     def _load_runtime_cache(self, config):
         rc = config.create_runtime_cache()
@@ -156,24 +155,18 @@ class Engine:
         mn, op, mx = self.engine.get_tensor_profile_shape(name, 0)
         return f"min {tuple(mn)} opt {tuple(op)} max {tuple(mx)}"
 
-    def _set_shapes(self, shapes: dict[str, tuple]) -> None:
-        ctx = self.context
+    def _set_shapes(self, ctx: "_Context", shapes: dict[str, tuple]) -> None:
         for name, shape in shapes.items():
-            if not ctx.set_input_shape(name, shape):
+            if not ctx.trt.set_input_shape(name, shape):
                 raise EngineError(f"input {name!r}: shape {shape} is outside the engine profile "
                                   f"({self._profile(name)}); rebuild with a wider profile")
-        self._outputs = {}
+        ctx.outputs = {}
         for name in self.output_names:
-            shape = tuple(ctx.get_tensor_shape(name))
+            shape = tuple(ctx.trt.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise EngineError(f"output {name!r} has data-dependent shape {shape}; not supported")
-            self._outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
-            ctx.set_tensor_address(name, self._outputs[name].data_ptr())
-        if self.use_cuda_graph:
-            self._inputs = {n: torch.empty(s, dtype=self.dtypes[n], device=self.device) for n, s in shapes.items()}
-            for n, t in self._inputs.items():
-                ctx.set_tensor_address(n, t.data_ptr())
-        self._shapes, self._graph = shapes, None
+            ctx.outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+        ctx.shapes, ctx.graphs = shapes, {}
 
     def _check_feed(self, feed: Mapping[str, torch.Tensor]) -> None:
         missing = [n for n in self.input_names if n not in feed]
@@ -188,18 +181,40 @@ class Engine:
 
     # ------------------------------------------------------------ execution
 
-    def _enqueue(self, stream: torch.cuda.Stream) -> None:
-        if not self.context.execute_async_v3(stream.cuda_stream):
+    def _enqueue(self, ctx: "_Context", stream: torch.cuda.Stream) -> None:
+        if not ctx.trt.execute_async_v3(stream.cuda_stream):
             raise EngineError(f"{self.path.name}: execute_async_v3 failed (see the TensorRT log above)")
 
-    def infer(self, feed: Mapping[str, torch.Tensor],
-              stream: torch.cuda.Stream | None = None) -> dict[str, torch.Tensor]:
-        """Run on `stream` (default: current). Returns the engine's output buffers, ready on `stream`."""
+    def _context_for(self, stream: torch.cuda.Stream) -> "_Context":
+        """One execution context per CUDA stream: concurrent streams never share bindings or scratch."""
         if self.context is None:
             self.activate()
+        key = stream.cuda_stream
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = _Context(self.context if not self._contexts else self._new_trt_context())
+            self._contexts[key] = ctx
+        return ctx
+
+    def _new_trt_context(self):
+        ctx = self.engine.create_execution_context()
+        if ctx is None:
+            raise EngineError(f"{self.path}: could not create another execution context (out of GPU memory?)")
+        return ctx
+
+    def infer(self, feed: Mapping[str, torch.Tensor], stream: torch.cuda.Stream | None = None,
+              out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Run on `stream` (default: current) with that stream's own execution context.
+
+        Inputs are bound where they are (no copies: persistent buffers such as ring caches stay put);
+        outputs go into `out` when given (caller-owned buffers, bound by name), else into the
+        context's own buffers, overwritten by its next call. Ready on `stream`; nothing syncs the host.
+        With use_cuda_graph, one graph is captured per distinct set of bound addresses and replayed.
+        """
         self._check_feed(feed)
         current = torch.cuda.current_stream(self.device)
         stream = stream or current
+        ctx = self._context_for(stream)
         inputs = {n: t if t.is_contiguous() else t.contiguous() for n, t in feed.items()}
         if stream != current:  # inputs come from `current`: order after them without a host sync,
             stream.wait_stream(current)  # and keep their memory alive until `stream` has read them
@@ -207,34 +222,51 @@ class Engine:
                 t.record_stream(stream)
         with torch.cuda.stream(stream):
             shapes = {n: tuple(inputs[n].shape) for n in self.input_names}
-            if shapes != self._shapes:
-                self._set_shapes(shapes)  # buffers allocated on `stream`
-            if not self.use_cuda_graph:
-                for n in self.input_names:
-                    self.context.set_tensor_address(n, inputs[n].data_ptr())
-                self._enqueue(stream)
-                return dict(self._outputs)
-            for n, buf in self._inputs.items():
-                buf.copy_(inputs[n], non_blocking=True)
-        if self.fl.is_rtx:  # RTX captures and replays graphs itself
-            self._enqueue(stream)
-        else:
-            self._replay(stream)
-        return dict(self._outputs)
+            if shapes != ctx.shapes:
+                self._set_shapes(ctx, shapes)  # buffers allocated on `stream`
+            outputs = dict(ctx.outputs)
+            if out is not None:
+                for n, t in out.items():
+                    if n not in outputs or tuple(t.shape) != tuple(outputs[n].shape) or t.dtype != self.dtypes[n]:
+                        raise EngineError(f"out[{n!r}] must be {self.dtypes[n]} {tuple(outputs[n].shape)}")
+                    outputs[n] = t
+            bound = {**inputs, **outputs}
+            key = tuple((n, t.data_ptr()) for n, t in bound.items())
+            if key != ctx.bound:
+                for n, t in bound.items():
+                    ctx.trt.set_tensor_address(n, t.data_ptr())
+                ctx.bound = key
+            if not self.use_cuda_graph or self.fl.is_rtx:  # RTX captures and replays graphs itself
+                self._enqueue(ctx, stream)
+            else:
+                self._replay(ctx, key, stream)
+        return outputs
 
-    def _replay(self, stream: torch.cuda.Stream) -> None:
-        if self._graph is None:
-            self._enqueue(stream)  # first run outside capture: TensorRT does lazy setup on it
+    def _replay(self, ctx: "_Context", key: tuple, stream: torch.cuda.Stream) -> None:
+        graph = ctx.graphs.get(key)
+        if graph is None:
+            self._enqueue(ctx, stream)  # first run outside capture: TensorRT does lazy setup on it
             # capture on a side stream: the legacy default stream cannot be captured
             side = torch.cuda.Stream(self.device)
             side.wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=side):
-                self._enqueue(side)
+                self._enqueue(ctx, side)
             stream.wait_stream(side)
-            self._graph = graph
-        with torch.cuda.stream(stream):
-            self._graph.replay()
+            ctx.graphs[key] = graph
+            return
+        graph.replay()
+
+
+class _Context:
+    """An execution context with its bindings, output buffers and captured graphs (one per stream)."""
+
+    def __init__(self, trt_context):
+        self.trt = trt_context
+        self.shapes: dict[str, tuple] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.bound: tuple = ()
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
 
 
 def shared_scratch(engines: Sequence[Engine]) -> torch.Tensor:

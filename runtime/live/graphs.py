@@ -183,7 +183,7 @@ def trt_graphs(folder: str | Path, encoder: str = "vae", decoder: str = "taesd",
         if not plan:
             raise FileNotFoundError(f"{folder}: graph {entry['name']} has no engine yet; build it: "
                                     f"python -m engines build {folder}")
-        be = TrtBackend(folder / plan, use_cuda_graph=cuda_graphs and role != "unet_stream")
+        be = TrtBackend(folder / plan, use_cuda_graph=cuda_graphs)
         runners[role], inputs[role] = be, list(be.input_names)
         dtypes[role] = {t["name"]: TORCH_DTYPES[t["dtype"]] for t in entry["inputs"]}
     return Graphs(runners, dtypes, inputs, writes_ring=False, window=_ring_window(man),
