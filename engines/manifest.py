@@ -1,10 +1,13 @@
-"""The engine manifest: `manifest.json` next to the ONNX files and plans (schema xportrait-engines/1).
+"""The engine manifest: `manifest.json` next to the ONNX files and plans (schema xportrait-engines/2).
 
 The exporter writes it with the ONNX side filled (files, hashes, I/O, profiles, `runs`, sampler,
-caches, preset); `python -m engines build DIR` adds each engine's plan file, hash and build key
-fields; the Python runtime and the C++ host read it to find and check the plans. The format is
-described field by field in docs/engines.md. Validation is strict (unknown fields are errors) and
-every error names the field and the fix.
+caches, pipeline, preset); `python -m engines build DIR` adds each engine's plan file, hash and
+build key fields; the Python runtime and the C++ host (host/) read it to find and check the plans.
+Schema 2 adds what a host in another language needs to run the streaming pipeline from the
+manifest alone: `pipeline` (which graph runs when, which output feeds which input, the ring
+protocol, image layouts and value ranges) and, in `sampler`, the per-step affine update and the
+initial latent. The format is described field by field in docs/engines.md. Validation is strict
+(unknown fields are errors) and every error names the field and the fix.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 
 from engines import cache
 
-SCHEMA = "xportrait-engines/1"
+SCHEMA = "xportrait-engines/2"
+PROTOCOL = "xportrait-stream/1"  # pipeline.protocol: the streaming protocol of docs/host.md
 FILENAME = "manifest.json"
 RUNS = ("per_source", "per_source_step", "per_frame", "per_frame_step")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
@@ -76,6 +80,7 @@ class Manifest:
     sampler: dict = field(default_factory=dict)  # {"timesteps": [...], "coefficients": {name: [...]}}
     caches: dict = field(default_factory=dict)  # free-form: {name: {...layout...}}
     preset: dict = field(default_factory=dict)  # free-form: {"name": "full", ...}
+    pipeline: dict = field(default_factory=dict)  # {"protocol", "graphs", "stages", "images", ...} (docs/engines.md)
     schema: str = SCHEMA
 
     def engine(self, name: str) -> EngineEntry:
@@ -106,7 +111,8 @@ class Manifest:
         if errors:
             raise ManifestError(errors, where)
         return cls(engines=[_entry(e) for e in d["engines"]], sampler=d.get("sampler", {}),
-                   caches=d.get("caches", {}), preset=d.get("preset", {}), schema=d["schema"])
+                   caches=d.get("caches", {}), preset=d.get("preset", {}), pipeline=d.get("pipeline", {}),
+                   schema=d["schema"])
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
@@ -252,12 +258,50 @@ def _check_sampler(s, errors: list) -> None:
         if not isinstance(v, list) or len(v) != len(ts) or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
             errors.append(f"sampler.coefficients.{name}: expected {len(ts)} numbers (one per timestep)")
+    step = s.get("step")
+    if step is not None and _keys(step, "sampler.step", {"x", "eps", "noise"}, {"rule"}, errors):
+        for name in ("x", "eps", "noise"):
+            v = step[name]
+            if not isinstance(v, list) or len(v) != len(ts) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                errors.append(f"sampler.step.{name}: expected {len(ts)} numbers (one per timestep); re-export")
+
+
+STAGE_AT = ("source", "source_step", "frame", "frame_step")
+GRAPH_ROLES = ("encoder", "reference", "hint", "control", "unet", "unet_uncond", "decoder")
+
+
+def _check_pipeline(p, engine_names: set, errors: list) -> None:
+    """The streaming protocol block (schema 2): graph roles name engines, stages are ordered steps."""
+    if p == {}:
+        return
+    if not _keys(p, "pipeline", {"protocol", "graphs", "stages", "images"}, {"state"}, errors):
+        return
+    if p["protocol"] != PROTOCOL:
+        errors.append(f"pipeline.protocol: {p['protocol']!r} but this code runs {PROTOCOL!r}; re-export")
+    if _keys(p["graphs"], "pipeline.graphs", set(GRAPH_ROLES), set(), errors):
+        for role, name in p["graphs"].items():
+            if name is not None and name not in engine_names:
+                errors.append(f"pipeline.graphs.{role}: {name!r} is not in engines; export it or set null")
+    if not isinstance(p["stages"], list) or not p["stages"]:
+        errors.append("pipeline.stages: expected a non-empty list of stages in execution order")
+        return
+    for i, st in enumerate(p["stages"]):
+        w = f"pipeline.stages[{i}]"
+        if not _keys(st, w, {"at"}, {"graph", "op", "inputs", "outputs", "rule", "when"}, errors):
+            continue
+        if st["at"] not in STAGE_AT:
+            errors.append(f"{w}.at: {st['at']!r}; use one of {', '.join(STAGE_AT)}")
+        if ("graph" in st) == ("op" in st):
+            errors.append(f"{w}: give exactly one of 'graph' (a role of pipeline.graphs) or 'op'")
+        elif "graph" in st and st["graph"] not in GRAPH_ROLES:
+            errors.append(f"{w}.graph: {st['graph']!r}; use one of {', '.join(GRAPH_ROLES)}")
 
 
 def check(d) -> list[str]:
     """All schema problems of a manifest dict, each as 'field: problem; fix'. Empty list = valid."""
     errors: list[str] = []
-    if not _keys(d, "manifest", {"schema", "engines"}, {"sampler", "caches", "preset"}, errors):
+    if not _keys(d, "manifest", {"schema", "engines"}, {"sampler", "caches", "preset", "pipeline"}, errors):
         return errors
     if d["schema"] != SCHEMA:
         errors.append(f"schema: {d['schema']!r} but this code reads {SCHEMA!r}; re-export with the current exporter")
@@ -271,6 +315,7 @@ def check(d) -> list[str]:
     for i, e in enumerate(engines):
         _check_engine(e, f"engines[{i}]", errors)
     _check_sampler(d.get("sampler", {}), errors)
+    _check_pipeline(d.get("pipeline", {}), set(names), errors)
     caches = d.get("caches", {})
     if not isinstance(caches, dict) or not all(isinstance(v, dict) for v in caches.values()):
         errors.append("caches: expected {name: {...}} with an object per cache")

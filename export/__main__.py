@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from export.spec import ExportOptions
-from export.specs import DEFAULT_MODULES, ModelSource, build_specs, manifest_caches
+from export.specs import (DEFAULT_MODULES, ModelSource, build_specs, manifest_caches, manifest_pipeline,
+                          manifest_sampler_maths)
 from export.to_onnx import EXTERNAL_BYTES, export_graph
 from models.config import XPortraitConfig
 
@@ -92,9 +93,11 @@ def export_all(preset: str, out: Path, precisions=("fp16",), modules=DEFAULT_MOD
                    "versions": {"torch": torch.__version__, "onnx": __import__("onnx").__version__}}
     for p, folder in folders.items():
         save_file({"context": source.context.float().contiguous()}, str(folder / "context.safetensors"))
-        m = Manifest(engines=entries[p], sampler=sampler_table(cfg, sampler, steps),
+        m = Manifest(engines=entries[p],
+                     sampler={**sampler_table(cfg, sampler, steps), **manifest_sampler_maths(cfg, sampler, steps)},
                      caches=manifest_caches(specs, [s.name for s in chosen], opts),
-                     preset={**preset_info, "precision": p})
+                     preset={**preset_info, "precision": p},
+                     pipeline=manifest_pipeline(specs, [s.name for s in chosen], opts))
         m.save(folder / "manifest.json")
         log(f"wrote {folder / 'manifest.json'} ({len(entries[p])} graphs)")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

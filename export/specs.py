@@ -327,3 +327,109 @@ def manifest_caches(specs: dict[str, ExportSpec], chosen: list[str], opts) -> di
                                  for t in s.inputs if t.name.startswith("k_cache_")),
         }
     return out
+
+
+# ------------------------------------------------------------------ manifest sampler and pipeline
+DEFAULT_CFG_SCALE = {"ddim": 5.0, "lcm": 1.0, "tcd": 1.0}  # as runtime/pipeline.py DEFAULT_CFG
+
+
+def manifest_sampler_maths(cfg: XPortraitConfig, name: str, steps: int) -> dict:
+    """The sampler block's host-facing maths (schema 2): per-step affine update, x_T, CFG.
+
+    Every sampler of models/samplers.py steps as x_next = x[i]*x + eps[i]*eps + noise[i]*noise_i
+    (DDIM, LCM and TCD are linear with no constant term), so the three coefficients are read off
+    the sampler itself by stepping with unit inputs in float64: a host cannot drift from Python.
+    """
+    from models.samplers import make_sampler
+    from models.schedule import ddpm_buffers, q_sample
+    ac = ddpm_buffers(cfg.schedule)["alphas_cumprod"]
+    s = make_sampler(name, ac, steps)
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    coef = {"x": [], "eps": [], "noise": []}
+    for i in range(len(s)):
+        noisy = s.needs_noise(i)
+        coef["x"].append(float(s.step(zero, i, one, zero if noisy else None).prev))
+        coef["eps"].append(float(s.step(one, i, zero, zero if noisy else None).prev))
+        coef["noise"].append(float(s.step(zero, i, zero, one).prev) if noisy else 0.0)
+    t_init = ac.shape[0] - 1
+    return {
+        "step": {**coef, "rule": "x_next = x[i] * x + eps[i] * eps + noise[i] * noise_step[i] (noise_step[i] "
+                                 "only where noise[i] != 0; the sampler state x is float32)"},
+        "init": {"default": "official",
+                 "official": {"timestep": t_init, "latent": float(q_sample(ac, one, t_init, zero)),
+                              "noise": float(q_sample(ac, zero, t_init, one))},
+                 "noise": {"latent": 0.0, "noise": 1.0},
+                 "rule": "x_T = latent * z_src + noise * noise_init (z_src: the encoder's latent)"},
+        "cfg": {"scale": DEFAULT_CFG_SCALE[name],
+                "rule": "eps = eps_uncond + scale * (eps_cond - eps_uncond); scale 1: eps = eps_cond and the "
+                        "unconditional graph is not run"},
+        "noise_file": {"format": "safetensors", "tensors": {"init": "(1, 4, h, w) float32",
+                                                            "step": "(S, 4, h, w) float32, S = steps"},
+                       "rule": "both fixed per session: every frame uses the same noise_init and noise_step[i]"},
+    }
+
+
+def manifest_pipeline(specs: dict[str, ExportSpec], chosen: list[str], opts) -> dict:
+    """The manifest's `pipeline` block (schema 2): the streaming protocol as ordered stages.
+
+    Stage values name session state: `host.*` comes from the caller, `context` from the context
+    file, `sampler.*` from the sampler block, `ref[i]`/`ring[i].<branch>` are kept per step index i;
+    a `*` stands for every tensor of that prefix. Docs: docs/host.md (the C++ host follows it).
+    """
+    pick = lambda *ns: next((n for n in ns if n in chosen), None)  # noqa: E731
+    graphs = {"encoder": pick("vae_encoder", "taesd_encoder"), "reference": pick("reference"),
+              "hint": pick("hint"), "control": pick("control"), "unet": pick("unet_stream"),
+              "unet_uncond": pick("unet_stream_uncond"), "decoder": pick("taesd_decoder", "vae_decoder")}
+    h, w = opts.latent_hw
+    t = "sampler.timesteps[i]"
+
+    def unet(branch: str, cond: bool) -> dict:
+        ins = {"x": "x", "t": t, "context": "context",
+               **({"ref_*": "ref[i].ref_*", "ctrl_*": "ctrl_*"} if cond else {}),
+               "write_slot": f"ring[i].{branch}.write_slot", "n_past": f"ring[i].{branch}.n_past",
+               "k_cache_*": f"ring[i].{branch}.k_cache_*", "v_cache_*": f"ring[i].{branch}.v_cache_*"}
+        return {"at": "frame_step", "graph": "unet" if cond else "unet_uncond", "inputs": ins,
+                "outputs": {"eps": f"eps_{branch}", "k_new_*": f"ring[i].{branch}.k_new_*",
+                            "v_new_*": f"ring[i].{branch}.v_new_*"},
+                **({} if cond else {"when": "sampler.cfg.scale != 1"})}
+    stages = [
+        {"at": "source", "graph": "encoder", "inputs": {"image": "host.source"}, "outputs": {"latent": "z_src"}},
+        {"at": "source_step", "graph": "reference", "inputs": {"ref_latent": "z_src", "t": t, "context": "context"},
+         "outputs": {"ref_*": "ref[i].ref_*"}},
+        {"at": "source", "op": "init", "rule": "x_T = sampler.init.latent * z_src + sampler.init.noise * noise_init; "
+                                               "constant per source with fixed noise"},
+        {"at": "frame", "graph": "hint", "inputs": {"pose_hint": "host.pose_hint", "local_hint": "host.local_hint"},
+         "outputs": {"pose_feat": "pose_feat", "local_feat": "local_feat"}},
+        {"at": "frame", "op": "start", "rule": "x = x_T"},
+        {"at": "frame_step", "graph": "control",
+         "inputs": {"x": "x", "t": t, "context": "context", "pose_feat": "pose_feat", "local_feat": "local_feat"},
+         "outputs": {"ctrl_*": "ctrl_*"}},
+        unet("cond", True), unet("uncond", False),
+        {"at": "frame_step", "op": "ring_write",
+         "rule": "for each branch run and each layer l, element e: rows [e*R_l, (e+1)*R_l) of k_new_l/v_new_l go to "
+                 "rows [e*R_l, (e+1)*R_l) of slot write_slot[e] of k_cache_l/v_cache_l (R_l = H_l*W_l = rows / B)"},
+        {"at": "frame_step", "op": "cfg", "rule": "sampler.cfg.rule"},
+        {"at": "frame_step", "op": "sampler_step", "rule": "sampler.step.rule"},
+        {"at": "frame", "op": "ring_advance",
+         "rule": "every ring of every step and branch: write_slot = (write_slot + 1) % L; "
+                 "n_past = min(n_past + 1, L - 1); L = dim 0 of k_cache_*"},
+        {"at": "frame", "graph": "decoder", "inputs": {"latent": "x"}, "outputs": {"image": "host.output"}},
+    ]
+    return {
+        "protocol": "xportrait-stream/1",
+        "graphs": graphs,
+        "stages": [s for s in stages if s.get("graph") is None or graphs[s["graph"]] is not None],
+        "state": {"x": f"float32 (B, 4, {h}, {w}), cast to the dtype of each graph's `x`/`latent` input",
+                  "ring": "one set of caches per step index i and branch (cond, uncond), zero-filled; counters "
+                          "write_slot = 0, n_past = 0 at session start (and reset), int32, one per element",
+                  "casts": "a tensor kept in one dtype and fed to an input of another is converted (fp32 <-> fp16)",
+                  "batch": "a kept tensor with batch 1 feeding an input with batch B is repeated B times"},
+        "images": {"layout": "NCHW, RGB, float", "size": [8 * h, 8 * w], "range": [-1.0, 1.0],
+                   "from_uint8": "v = u8 / 127.5 - 1", "to_uint8": "u8 = round((clamp(v, -1, 1) + 1) * 127.5)",
+                   "inputs": {"host.source": "the source portrait, a square crop around the face",
+                              "host.pose_hint": "the driving frame re-framed onto the source face",
+                              "host.local_hint": "-1 canvas with the (H/4 x W/4) patches of host.pose_hint centred "
+                                                 "on the left eye, right eye and mouth, pasted in that order, centres "
+                                                 "clipped to [H/8, H - H/8]"},
+                   "outputs": {"host.output": "decoder image clamped to [-1, 1]"}},
+    }
