@@ -89,6 +89,9 @@ class YuFaceLandmarker:
     image is larger, one more try runs at `2 * max_side`, which rescues small faces in big photos.
     `threads` sets the OpenMP threads of yuface's own bundled libgomp (not torch's); 1 is the
     fastest choice on a busy machine because OpenMP spin-waiting collapses under contention.
+    Once torch is imported, its libgomp is global and yuface's parallel regions run in it, so the
+    process-global OpenMP thread count is also set for the call and restored after it (it is per
+    calling thread): without that, yuface took 10x the CPU time (docs/live-io.md).
     """
 
     def __init__(self, max_side: int = 256, min_score: float = 0.5, threads: int = 1):
@@ -120,7 +123,15 @@ class YuFaceLandmarker:
         bgr = np.ascontiguousarray(small[:, :, ::-1])
         if self._gomp is not None:  # per call: the OpenMP setting is per calling thread
             self._gomp.omp_set_num_threads(self.threads)
-        confs, boxes, points = self._detect(bgr, self.min_score)
+        glob_omp = ctypes.CDLL(None)  # whichever libgomp is global now (torch's, once imported)
+        saved = glob_omp.omp_get_max_threads() if hasattr(glob_omp, "omp_set_num_threads") else None
+        if saved is not None:
+            glob_omp.omp_set_num_threads(self.threads)
+        try:
+            confs, boxes, points = self._detect(bgr, self.min_score)
+        finally:
+            if saved is not None:
+                glob_omp.omp_set_num_threads(saved)
         if len(confs) == 0:
             return None
         i = int(np.argmax(confs))

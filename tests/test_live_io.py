@@ -266,6 +266,28 @@ def test_tracker_follows_the_sample_face_and_holds_without_one(camera_clip, name
     assert counting2.calls == 3
 
 
+def test_yuface_call_leaves_torch_threads_alone():
+    yf = pytest.importorskip("runtime.landmarks").YuFaceLandmarker
+    try:
+        lmk = yf()
+    except ImportError:
+        pytest.skip("yuface is not installed (no wheel for this Python)")
+    seen, inner = [], lmk._detect
+
+    def spy(*args):  # torch's libgomp is the global one here, and yuface's regions run in it
+        seen.append(torch.get_num_threads())
+        return inner(*args)
+
+    lmk._detect = spy
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # yuface runs its OpenMP regions with 1 thread, then restores the caller's setting
+        assert lmk.detect(read_image(SAMPLES / "source.png")) is not None
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_local_patches_match_the_offline_hint():
     rng = np.random.default_rng(1)
     pose = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -381,13 +403,14 @@ def test_video_file_sink_killed_mid_write_leaves_no_partial_file_under_the_name(
 
 
 def test_virtual_cam_reports_a_missing_backend_clearly():
-    try:
-        sink = VirtualCamSink(64, 64)
-    except RuntimeError as e:
-        assert "pyvirtualcam" in str(e) or "v4l2loopback" in str(e)
-    else:  # a machine with a virtual camera: it must take frames
-        sink.write(next(_frames(1, 64)))
-        sink.close()
+    for size in ({"width": 64, "height": 64}, {}):  # opened at construction, or at the first frame
+        try:
+            sink = VirtualCamSink(fps=30, **size)
+            sink.write(next(_frames(1, 64)))
+        except RuntimeError as e:
+            assert "pyvirtualcam" in str(e) or "v4l2loopback" in str(e)
+        else:  # a machine with a virtual camera: it took the frame
+            sink.close()
 
 
 def test_null_and_tee_sinks():
@@ -404,12 +427,16 @@ def test_hud_draws_text_on_a_dark_box():
     lines = hud_lines(59.9, 40.1, {"track": 3.0, "model": 20.0}, 2, face=False)
     out = draw_hud(img, lines)
     assert draw_hud(img, None) is img and (img == 160).all()
-    *_, (x0, y0, x1, y1) = hud_layout(256, lines)
+    *_, (x0, y0, x1, y1), _ = hud_layout(256, 512, lines)
     box = out[y0:y1, x0:x1].max(-1)
     assert (box < 60).mean() > 0.6                     # mostly dark
     assert (box > 200).sum() > 100                     # with white text on it
     assert (out[y1 + 2:] == 160).all() and (out[:, x1 + 2:] == 160).all()  # nothing outside the box
     assert any("NO FACE" in s for s in lines)
+    long = ["  ".join(f"stage{k} {k}.5" for k in range(12))]     # wider than the frame: wrapped at spaces
+    scale, thick, _, _, box, wrapped = hud_layout(256, 320, long)
+    assert len(wrapped) > 1 and " ".join(w.strip() for w in wrapped).split() == long[0].split()
+    assert all(cv2.getTextSize(w, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0] <= 320 - 2 * box[0] for w in wrapped)
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -460,9 +487,9 @@ def test_stage_timer_laps():
 # ------------------------------------------------------------------------------------------- window
 WINDOW_CHILD = """
 import json, sys, time, numpy as np
-from runtime.live.present import WindowSink, OutputFrame
+from runtime.live.present import Window, OutputFrame
 drv, anim, lines, n = np.load(sys.argv[1]), np.load(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
-sink = WindowSink(panel=drv.shape[0])
+sink = Window(panel=drv.shape[0])
 for k in range(n):
     sink.write(OutputFrame(anim, time.perf_counter(), k, driving=drv), lines)
     time.sleep(0.02)
@@ -521,6 +548,17 @@ def xvfb():
     proc.wait(10)
 
 
+def test_window_without_a_display_says_so(monkeypatch):
+    if importlib.util.find_spec("pygame") is None:
+        pytest.skip("pygame is not installed (pip install pygame==2.6.1)")
+    for var in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER"):
+        monkeypatch.delenv(var, raising=False)
+    code = ("from runtime.live.present import Window\n"
+            "try:\n    Window()\nexcept RuntimeError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    assert "--headless" in out and "DISPLAY" in out
+
+
 def test_window_shows_frames_with_the_hud_and_takes_keys(xvfb, tmp_path):
     panel = 192
     yy, xx = np.mgrid[0:panel, 0:panel]
@@ -540,7 +578,7 @@ def test_window_shows_frames_with_the_hud_and_takes_keys(xvfb, tmp_path):
         # the animated frame sits in the right half, exactly as presented
         assert np.abs(view[:, panel:] - anim).mean() < 3
         # the HUD box is where hud_layout puts it: dark, with white text, over the grey driving panel
-        *_, (x0, y0, x1, y1) = hud_layout(panel, lines)
+        *_, (x0, y0, x1, y1), _ = hud_layout(panel, 2 * panel, lines)
         box = view[y0:y1, x0:x1].max(-1)
         assert (box < 60).mean() > 0.5 and (box > 200).sum() > 50
         below = view[y1 + 2:, :panel]

@@ -10,7 +10,7 @@ Actions come from keys where there is a keyboard: "swap_source" (s), "reset" (r,
 cache), "toggle_hud" (h; the caller then passes hud_lines=None), "quit" (q, Esc, or closing the
 window). Sinks draw what they are given and keep no queue: a frame is shown or encoded in write().
 
-* WindowSink: a pygame window (opencv-python-headless has no GUI), driving | animated side by
+* Window: a pygame window (opencv-python-headless has no GUI), driving | animated side by
   side, each panel scaled to `panel` px, HUD on top.
 * VideoFileSink: mp4 written to a temporary name in the target folder and renamed on close, so
   the final name only ever holds a complete file (an aborted or killed run leaves an earlier file
@@ -82,7 +82,7 @@ class NullSink:
         pass
 
 
-class WindowSink:
+class Window:
     """A pygame window showing driving | animated with the HUD. Needs a display (X11/Wayland)."""
 
     def __init__(self, title: str = "xportrait-live", panel: int = 512, side_by_side: bool = True):
@@ -93,17 +93,23 @@ class WindowSink:
             raise RuntimeError("the window needs pygame: pip install pygame==2.6.1 (or run with --headless "
                                "or --output OUT.mp4)") from e
         self._pg, self.title, self.panel, self.side_by_side = pygame, title, panel, side_by_side
+        fix = "set DISPLAY to a running X server (or WAYLAND_DISPLAY), or run with --headless or --output OUT.mp4"
         try:
             pygame.display.init()
         except pygame.error as e:
-            raise RuntimeError(f"cannot open a window ({e}): set DISPLAY to a running X server, or run with "
-                               "--headless or --output OUT.mp4") from e
+            raise RuntimeError(f"cannot open a window ({e}): {fix}") from e
+        driver = pygame.display.get_driver()
+        if driver in ("offscreen", "dummy") and not os.environ.get("SDL_VIDEODRIVER"):
+            pygame.display.quit()  # SDL fell back to drawing nowhere: say so instead of showing nothing
+            raise RuntimeError(f"no display to open a window on (SDL video driver '{driver}'): {fix}")
         self._screen = None
         self._keys = {pygame.K_s: "swap_source", pygame.K_r: "reset", pygame.K_h: "toggle_hud",
                       pygame.K_q: "quit", pygame.K_ESCAPE: "quit"}
         self._closed = False
 
     def write(self, out: OutputFrame, hud_lines: list[str] | None = None) -> list[str]:
+        if self._closed:
+            return ["quit"]
         pg = self._pg
         view = draw_hud(compose(out, self.panel, self.side_by_side), hud_lines)
         h, w = view.shape[:2]
@@ -261,26 +267,35 @@ class VirtualCamSink:
     """Sends the animated frames to a virtual camera (pyvirtualcam) that video-call apps can pick.
 
     Linux needs the v4l2loopback kernel module (`sudo modprobe v4l2loopback exclusive_caps=1`);
-    Windows and macOS need OBS's virtual camera installed. Opens at construction, so a missing
-    backend is reported before the model loads.
+    Windows and macOS need OBS's virtual camera installed. With width and height the camera opens
+    at construction, so a missing backend is reported before the model loads; without them it
+    opens at the first frame, at that frame's size.
     """
 
-    def __init__(self, width: int, height: int, fps: float = 30.0, device: str | None = None):
+    def __init__(self, fps: float = 30.0, width: int | None = None, height: int | None = None,
+                 device: str | None = None):
         try:
             import pyvirtualcam
         except ImportError as e:
             raise RuntimeError("--virtual-cam needs pyvirtualcam: pip install pyvirtualcam==0.15.0") from e
+        self._pvc, self.fps, self.device = pyvirtualcam, fps, device
+        self._cam, self.size, self._closed = None, None, False
+        if width and height:
+            self._open(width, height)
+
+    def _open(self, width: int, height: int) -> None:
         try:
-            self._cam = pyvirtualcam.Camera(width=width, height=height, fps=fps, device=device)
+            self._cam = self._pvc.Camera(width=width, height=height, fps=self.fps, device=self.device)
         except Exception as e:  # pyvirtualcam raises RuntimeError/ValueError with the backend's reason
             raise RuntimeError(f"no virtual camera available ({e}): on Linux load v4l2loopback "
                                "(sudo modprobe v4l2loopback exclusive_caps=1); on Windows/macOS install "
                                "OBS Studio and start its virtual camera once") from e
         self.size = (height, width)
-        self._closed = False
 
     def write(self, out: OutputFrame, hud_lines: list[str] | None = None) -> list[str]:
         rgb = out.rgb
+        if self._cam is None:
+            self._open(rgb.shape[1], rgb.shape[0])
         if rgb.shape[:2] != self.size:
             rgb = cv2.resize(rgb, (self.size[1], self.size[0]), interpolation=cv2.INTER_LINEAR)
         self._cam.send(np.ascontiguousarray(rgb))
@@ -292,7 +307,8 @@ class VirtualCamSink:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._cam.close()
+            if self._cam is not None:
+                self._cam.close()
 
 
 class TeeSink:
