@@ -215,8 +215,8 @@ class SessionManager:
             out = {"sessions": len(sessions), "max_sessions": self.web.max_sessions, **self.counters,
                    "device_busy_s": round(self.device_busy_s, 3)}
         out["detail"] = [{"id": s.id, "age_s": round(now - s.created, 1), "idle_s": round(now - s.last_active, 1),
-                          "steps": s.steps, "window": s.window, "dropped": s.dropped(), **s.counters}
-                         for s in sessions]
+                          "steps": s.steps, "window": s.window, "dropped": s.dropped(), **s.counters,
+                          "state_mib": s.state_mib()} for s in sessions]
         return out
 
     # ----------------------------------------------------------------------------- internals
@@ -414,4 +414,3 @@ class SessionManager:
             self._up.events[i].record()
             self._inflight.append(self._up.events[i])
         self.device_busy_s += time.perf_counter() - t0
-

@@ -114,3 +114,8 @@ class Session:
 
     def dropped(self) -> int:
         return self.inbox.dropped + self.ready.dropped + self.out.dropped
+
+    def state_mib(self) -> float | None:
+        """MiB of the session's own device state (the shared weights are not counted)."""
+        memory = getattr(self.live, "memory", None)
+        return round(memory()["total"] / 2**20, 2) if memory is not None else None
