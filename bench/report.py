@@ -141,7 +141,7 @@ def table(result: dict) -> str:
             f"{_f(c.get('fps_device'), '.1f', 7)} {_f(pipe.get('fps_sustained'), '.1f', 7)} "
             f"{_f(lat.get('p50'), '.0f', 7)} {_f(lat.get('p99'), '.0f', 7)} "
             f"{_f(None if c.get('flops') is None else c['flops']['total_per_frame'] / 1e9, '.1f', 8)} "
-            f"{_f(c.get("tflops"), ".3g", 7)} {_f(None if share is None else 100 * share, '.1f', 6)} "
+            f"{_f(c.get('tflops'), '.3g', 7)} {_f(None if share is None else 100 * share, '.1f', 6)} "
             f"{_f((c.get('memory') or {}).get('peak_allocated_mib'), '.0f', 8)} "
             f"{_f(c.get('speedup_vs_baseline'), '.1f', 6)}x")
     b = result.get("baseline")
