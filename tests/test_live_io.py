@@ -5,7 +5,6 @@ pygame window under Xvfb (started here on a free display) and reads the screen b
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -62,9 +61,9 @@ def test_file_source_plays_at_its_fps_and_frames_match_their_index(tmp_path):
     assert idx == sorted(idx) and idx[-1] == n - 1
     assert all(_content(f) == f.index for f in got)          # each frame's pixels are that frame's
     assert sum(b - a - 1 for a, b in zip(idx, idx[1:])) + idx[0] == src.dropped  # gaps == drops
-    spacing = (got[-1].t_capture - got[0].t_capture) / (idx[-1] - idx[0])
-    assert spacing >= 0.97 / fps                                # never faster than the file's rate
-    assert spacing < 2.0 / fps                                  # and paced, not stalled
+    # paced by the file's rate: frame k is never captured before k / fps after the first
+    assert all(f.t_capture - src.t_start >= f.index / fps for f in got)
+    assert got[-1].t_capture - src.t_start >= (n - 1) / fps
 
 
 def test_file_source_latest_frame_wins_when_the_reader_is_slow(tmp_path):
@@ -330,7 +329,7 @@ def test_blazeface_fallback_finds_the_sample_face_like_yuface(monkeypatch, caplo
 def _frames(n: int, size: int = 48):
     for k in range(n):
         rgb = np.zeros((size, size, 3), np.uint8)
-        rgb[:, :, 0] = 10 * k
+        rgb[:, :, 0] = 10 * k % 250
         rgb[: size // 2, :, 1] = 200
         yield OutputFrame(rgb, float(k), k, driving=np.full((size, size, 3), 90, np.uint8))
 
@@ -338,13 +337,16 @@ def _frames(n: int, size: int = 48):
 def test_video_file_sink_writes_then_renames(tmp_path):
     out = tmp_path / "out.mp4"
     sink = VideoFileSink(out, fps=20, side_by_side=True)
-    for f in _frames(7):
+    for n, f in enumerate(_frames(200), 1):
         assert sink.write(f, ["hud"]) == []
         assert not out.exists()                        # only the temporary file while writing
+        if sink.tmp.exists() and n >= 7:               # (the encoder buffers its first frames)
+            break
+    assert sink.tmp.exists() and sink.tmp.parent == out.parent
     sink.close()
     sink.close()
     v = read_video(out)
-    assert v.frames.shape == (7, 48, 96, 3) and v.fps == pytest.approx(20)
+    assert v.frames.shape == (n, 48, 96, 3) and v.fps == pytest.approx(20)
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
     with pytest.raises(RuntimeError):
         with VideoFileSink(tmp_path / "b.mp4", fps=20) as s:
@@ -530,10 +532,10 @@ def screenshot(display: str) -> np.ndarray:
 
 @pytest.fixture()
 def xvfb():
-    if not (shutil.which("Xvfb") and shutil.which("xwd") and shutil.which("xdotool")):
-        pytest.skip("Xvfb, xwd or xdotool not installed (apt-get install xvfb x11-apps xdotool)")
-    if importlib.util.find_spec("pygame") is None:
-        pytest.skip("pygame is not installed (pip install pygame==2.6.1)")
+    if not shutil.which("Xvfb"):
+        pytest.skip("Xvfb is not installed (apt-get install xvfb x11-apps xdotool)")
+    missing = [t for t in ("xwd", "xdotool") if not shutil.which(t)]
+    assert not missing, f"{missing} not installed: apt-get install x11-apps xdotool"
     r, w = os.pipe()
     proc = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "1024x600x24", "-nolisten", "tcp"],
                             pass_fds=(w,), stderr=subprocess.DEVNULL)
@@ -549,8 +551,6 @@ def xvfb():
 
 
 def test_window_without_a_display_says_so(monkeypatch):
-    if importlib.util.find_spec("pygame") is None:
-        pytest.skip("pygame is not installed (pip install pygame==2.6.1)")
     for var in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER"):
         monkeypatch.delenv(var, raising=False)
     code = ("from runtime.live.present import Window\n"

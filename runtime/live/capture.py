@@ -239,7 +239,7 @@ class CameraSource(_ThreadedSource):
 class FileSource(_ThreadedSource):
     """Plays a video file at its own frame rate (realtime=True), like a camera would deliver it.
 
-    Frame k is captured at t0 + k / fps (a fixed schedule, so sleep jitter does not accumulate);
+    Frame k is captured at t_start + k / fps (a fixed schedule, so sleep jitter does not accumulate);
     a slow reader gets the newest frame and the rest count as dropped. realtime=False hands out
     every frame, as fast as the reader takes them (for offline runs and tests). Decodes with PyAV
     where it imports, else cv2.VideoCapture.
@@ -252,25 +252,27 @@ class FileSource(_ThreadedSource):
             raise FileNotFoundError(f"--input: video not found: '{self.path}'")
         self.name = f"file '{self.path.name}'"
         self.fps = _probe_fps(self.path)
+        self.t_start: float | None = None  # capture time of the first frame
 
     def _run(self) -> None:
         period = 1.0 / self.fps
-        t0, k = None, 0
+        k = 0
         while True:
             n = 0
             for rgb in _decode(self.path):
                 n += 1
-                if t0 is None:  # the clock starts when the first frame is decoded
-                    t0 = time.perf_counter()
-                if self.realtime:
-                    wait = t0 + k * period - time.perf_counter()
+                if not self.realtime:
+                    self._slot.wait_empty(self._stop)
+                elif self.t_start is not None:
+                    wait = self.t_start + k * period - time.perf_counter()
                     if wait > 0 and self._stop.wait(wait):
                         return
-                else:
-                    self._slot.wait_empty(self._stop)
                 if self._stop.is_set():
                     return
-                self._slot.put(rgb)
+                t = time.perf_counter()
+                if self.t_start is None:  # the clock starts at the first frame: frame k at t_start + k / fps
+                    self.t_start = t
+                self._slot.put(rgb, t)
                 k += 1
             if n == 0:
                 raise ValueError(f"{self.name} decoded to zero frames")
