@@ -1,7 +1,8 @@
 """engines/: ONNX -> plan builds with TensorRT-RTX on CPU, the engine cache, the CLI, the manifest.
 
-CPU tier: builds need only `tensorrt_rtx` (ahead-of-time, no GPU) and skip without it. Tests
-that deserialize or run a plan need a CUDA GPU the plan supports, and skip otherwise.
+CPU tier: builds need only `tensorrt_rtx` (ahead-of-time, no GPU), a required test dependency (a
+skip outside CI, a failure under CI=true; tests/conftest.py). Tests that deserialize or run a plan
+are marked `gpu` (and `trt` for full TensorRT) and skip without that hardware.
 """
 
 import json
@@ -11,9 +12,9 @@ import sys
 import warnings
 from pathlib import Path
 
-import onnx
 import pytest
 import torch
+from conftest import require
 
 from engines import cache, trt_import
 from engines.__main__ import main as cli
@@ -21,10 +22,12 @@ from engines.build import BuildConfig, build_engine, build_manifest
 from engines.cache import EngineCacheError
 from engines.manifest import SCHEMA, Manifest, ManifestError, check
 
+onnx = require("onnx")
+
 ROOT = Path(__file__).resolve().parents[1]
 HAS_RTX = trt_import.available("tensorrt_rtx") is not None
-HAS_FULL_TRT = trt_import.available("tensorrt") is not None
-needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx not importable: pip install tensorrt-rtx-cu13")
+needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx not importable: pip install tensorrt-rtx-cu13==1.7.1.116 "
+                               "(or pip install -e .[test])")
 PROFILE = {"x": ((1, 4, 8, 8), (2, 4, 8, 8), (4, 4, 8, 8))}
 FAST = dict(flavour="tensorrt_rtx", opt_level=0, workspace_mib=64)  # quick builds for tests
 
@@ -149,6 +152,63 @@ def test_corrupt_plan_is_rebuilt_or_refused(tmp_path, fp16_onnx):
     r = build_engine(fp16_onnx, plan, PROFILE, cfg)
     assert r.built and "sidecar" in r.reason
 
+    data = bytearray(plan.read_bytes())  # same size, other bytes: only the sha256 can tell
+    data[len(data) // 2] ^= 0xFF
+    plan.write_bytes(bytes(data))
+    with pytest.raises(EngineCacheError, match="corrupt"):
+        build_engine(fp16_onnx, plan, PROFILE, BuildConfig(**FAST, rebuild="never"))
+
+
+def test_cache_check_compares_plan_bytes_not_just_size(tmp_path):
+    """check() without TensorRT: a sidecar that matches in key and size but not in content is refused."""
+    plan, key = tmp_path / "m.plan", cache.BuildKey("0" * 64, "tensorrt_rtx", "1", ["rtx_default"])
+    plan.write_bytes(b"plan-bytes-A")
+    cache.write_json(cache.sidecar_path(plan), {"key": key.to_dict(), "engine_bytes": 12,
+                                                "engine_sha256": cache.sha256_file(plan)})
+    assert cache.check(plan, key) is None
+    plan.write_bytes(b"plan-bytes-B")
+    assert "corrupt" in cache.check(plan, key)
+
+
+@needs_rtx
+def test_build_engine_hashes_external_data(tmp_path):
+    """A weight change in the external-data file alone (graph file unchanged) invalidates the plan."""
+    src = onnx.load(str(export(tmp_path / "a.onnx")))
+    path = tmp_path / "ext" / "m.onnx"
+    path.parent.mkdir()
+    onnx.save_model(src, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.data", size_threshold=0)
+    plan, cfg = tmp_path / "m.plan", BuildConfig(**FAST)
+    assert build_engine(path, plan, PROFILE, cfg).built
+    graph = cache.sha256_file(path)
+    data = bytearray((path.parent / "m.data").read_bytes())
+    data[-1] ^= 1
+    (path.parent / "m.data").write_bytes(bytes(data))
+    assert cache.sha256_file(path) == graph
+    with pytest.raises(EngineCacheError, match="onnx_sha256"):
+        build_engine(path, plan, PROFILE, BuildConfig(**FAST, rebuild="never"))
+
+
+@needs_rtx
+def test_plan_is_written_before_sidecar(tmp_path, fp16_onnx, monkeypatch):
+    """Plan first, sidecar last: a crash between the two leaves a pair that check() refuses."""
+    plan, cfg = tmp_path / "tiny.plan", BuildConfig(**FAST)
+    writes, atomic_write = [], cache.atomic_write
+    monkeypatch.setattr(cache, "atomic_write", lambda p, d: writes.append(Path(p).name) or atomic_write(p, d))
+    build_engine(fp16_onnx, plan, PROFILE, cfg)
+    assert writes == ["tiny.plan", "tiny.plan.json"]
+
+    def crash(path, obj):
+        raise OSError("killed before the sidecar")
+    monkeypatch.setattr(cache, "write_json", crash)
+    export(fp16_onnx, seed=1)  # new weights: a rebuild that dies after writing the plan
+    with pytest.raises(OSError, match="killed"):
+        build_engine(fp16_onnx, plan, PROFILE, cfg)
+    monkeypatch.undo()
+    export(fp16_onnx, seed=0)  # even with the old ONNX back, the old sidecar no longer matches the plan
+    with pytest.raises(EngineCacheError, match="corrupt"):
+        build_engine(fp16_onnx, plan, PROFILE, BuildConfig(**FAST, rebuild="never"))
+
 
 @needs_rtx
 def test_profile_errors_name_the_input(tmp_path, fp16_onnx):
@@ -170,8 +230,8 @@ def test_rtx_writes_no_timing_cache(tmp_path, fp16_onnx):
     assert r.timing_cache is None and not list(tmp_path.glob("timing-*"))
 
 
-@pytest.mark.skipif(not HAS_FULL_TRT or not torch.cuda.is_available(),
-                    reason="timing cache: full tensorrt and a CUDA GPU only (a no-op in TensorRT-RTX)")
+@pytest.mark.gpu
+@pytest.mark.trt
 def test_timing_cache_reused(tmp_path, fp16_onnx):
     cfg = BuildConfig(flavour="tensorrt", opt_level=0, workspace_mib=64)
     first = build_engine(fp16_onnx, tmp_path / "a.plan", PROFILE, cfg)
@@ -329,10 +389,10 @@ def test_build_manifest_checks_io_against_graph(tmp_path):
 
 # ---------------------------------------------------------------- GPU runtime
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
-def test_engine_needs_gpu(tmp_path):
+def test_engine_needs_gpu(tmp_path, monkeypatch):
     from engines.engine import Engine, EngineError
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(EngineError, match="needs a CUDA GPU"):
         Engine(tmp_path / "x.plan")
 
@@ -348,6 +408,7 @@ def _gpu_skip_reason() -> str | None:
     return None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(_gpu_skip_reason() is not None, reason=str(_gpu_skip_reason()))
 @pytest.mark.parametrize("use_cuda_graph", [False, True])
 def test_engine_runs_reshapes_and_shares_scratch(tmp_path, fp16_onnx, use_cuda_graph):
