@@ -102,6 +102,7 @@ def _trt_skip_reason() -> str | None:
     return None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(_trt_skip_reason() is not None, reason=str(_trt_skip_reason()))
 def test_trt_vs_torch_parity_fp16(tmp_path):
     from engines.build import BuildConfig, build_engine

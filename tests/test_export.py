@@ -112,8 +112,9 @@ def test_graph_matches_torch(exported, source, specs, name):
         errs = [rel(g, r) for g, r in zip(got, ref)]
         worst = int(np.argmax(errs))
         print(f"{name} {prec}: max rel err {errs[worst]:.2e} ({spec.outputs[worst].name})")
+        bound = BOUND["fp32" if name.startswith("vae_") else prec]  # the KL VAE graphs stay fp32 in the fp16 set
         assert len(got) == len(spec.outputs)
-        assert errs[worst] <= BOUND[prec], f"{name} {prec}: {spec.outputs[worst].name} off by {errs[worst]:.2e}"
+        assert errs[worst] <= bound, f"{name} {prec}: {spec.outputs[worst].name} off by {errs[worst]:.2e}"
 
 
 def test_manifest_describes_graphs(exported, specs):
