@@ -23,7 +23,8 @@ from export.spec import ExportOptions
 from export.specs import (DEFAULT_MODULES, ModelSource, build_specs, manifest_caches, manifest_pipeline,
                           manifest_sampler_maths)
 from export.to_onnx import EXTERNAL_BYTES, export_graph
-from models.config import XPortraitConfig
+from models.config import PRESETS, XPortraitConfig
+from models.rgbd import layout_info
 
 ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool", 3: "int8", 2: "uint8"}
 
@@ -86,7 +87,8 @@ def export_all(preset: str, out: Path, precisions=("fp16",), modules=DEFAULT_MOD
                              after_trace=release)
         for p in precisions:
             entries[p].append(_entry(spec, opts, folders[p], files[p][0]))
-    preset_info = {"name": cfg.name, "latent_hw": list(opts.latent_hw), "image_hw": [8 * d for d in opts.latent_hw],
+    preset_info = {"name": cfg.name, "latent_layout": layout_info(cfg.unet),
+                   "latent_hw": list(opts.latent_hw), "image_hw": [8 * d for d in opts.latent_hw],
                    "batch": opts.batch, "window": opts.window, "ring_slots": opts.slots, "dynamic": opts.dynamic,
                    "opset": opts.opset,
                    "weights": f"random (seed {seed})" if checkpoint is None else Path(checkpoint).name,
@@ -113,7 +115,7 @@ def _latent(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", required=True, choices=sorted(("tiny", "sd15")))
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))  # NAME-rgbd: docs/rgbd.md
     p.add_argument("--out", required=True, type=Path, help="output folder (one subfolder per precision)")
     p.add_argument("--checkpoint", type=Path, help="official X-Portrait weights; without: seeded random weights")
     p.add_argument("--taesd", type=Path, help="TAESD weights: folder with taesd_{encoder,decoder}.pth, or a "

@@ -109,7 +109,12 @@ def build_specs(cfg: XPortraitConfig) -> dict[str, ExportSpec]:
     ring_out = tuple(TensorDesc(f"{kv}_new_{i:02d}", (_tokens(ds, "B"), c))
                      for i, (ds, c) in enumerate(g.motion) for kv in "kv")
     n_ref, n_ctrl = len(g.ref), len(g.control)
-    unet_io = lambda cond, n: (lat("x", n), t(n), ctx, *((*ref, *ctrl(n)) if cond else ()))  # noqa: E731
+    # main-UNet latent x / eps: every modality group of the layout (models/rgbd.py); rgbd: t (n, G), one
+    # per modality. control keeps lat/t: the host feeds it the rgb group of x and the rgb timestep
+    xlat = lambda name, n: TensorDesc(name, (n, u.main_in_channels, "h", "w"), sample=normal)  # noqa: E731
+    g_mod = len(u.modalities)
+    tm = lambda n: t(n) if g_mod == 1 else TensorDesc("t", (n, g_mod), "float32", timestep)  # noqa: E731
+    unet_io = lambda cond, n: (xlat("x", n), tm(n), ctx, *((*ref, *ctrl(n)) if cond else ()))  # noqa: E731
     ae_note = "KL VAE kept fp32 in the fp16 set: SD VAEs can overflow in fp16 (depth-lcm-taesd.md §4)"
 
     specs = [
@@ -129,16 +134,16 @@ def build_specs(cfg: XPortraitConfig) -> dict[str, ExportSpec]:
                    (lat("x", "B"), t("B"), ctx, feat("pose_feat"), feat("local_feat")), ctrl("B"),
                    needs=("pose", "local"), doc="pose + local ControlNet bodies, 13 residuals summed"),
         ExportSpec("unet", "per_frame_step", lambda s, o: UNet(s.get("unet"), True, n_ref, n_ctrl),
-                   unet_io(True, "T"), (lat("eps", "T"),), ("h", "w"), needs=("unet",),
+                   unet_io(True, "T"), (xlat("eps", "T"),), ("h", "w"), needs=("unet",),
                    doc="full-window main UNet, conditional: T frames = one temporal window, no cache"),
         ExportSpec("unet_uncond", "per_frame_step", lambda s, o: UNet(s.get("unet"), False), unet_io(False, "T"),
-                   (lat("eps", "T"),), ("h", "w"), needs=("unet",),
+                   (xlat("eps", "T"),), ("h", "w"), needs=("unet",),
                    doc="full-window main UNet, official unconditional branch (no reference, no control)"),
         ExportSpec("unet_stream", "per_frame_step", lambda s, o: UNetStream(s.get("unet"), True, n_ref, n_ctrl),
-                   (*unet_io(True, "B"), *ring_in), (lat("eps", "B"), *ring_out), needs=("unet",),
+                   (*unet_io(True, "B"), *ring_in), (xlat("eps", "B"), *ring_out), needs=("unet",),
                    doc="streaming main UNet, conditional: one new frame per stream, causal temporal K/V ring"),
         ExportSpec("unet_stream_uncond", "per_frame_step", lambda s, o: UNetStream(s.get("unet"), False),
-                   (*unet_io(False, "B"), *ring_in), (lat("eps", "B"), *ring_out), needs=("unet",),
+                   (*unet_io(False, "B"), *ring_in), (xlat("eps", "B"), *ring_out), needs=("unet",),
                    doc="streaming main UNet, unconditional branch (its own ring caches)"),
         ExportSpec("taesd_decoder", "per_frame", lambda s, o: Decode(s.get("taesd")), (lat("latent", "B"),),
                    (img("image", "B"),), needs=("taesd",), doc="latent -> image with TAESD (default decoder)"),

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
+MODALITIES = ("rgb", "depth")  # latent groups the main UNet can carry (UNetConfig.modalities)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Geometry shared by the main UNet, the reference net and both ControlNets (spec §2.1)."""
@@ -26,6 +29,25 @@ class UNetConfig:
     hint_channels: int = 3
     hint_widths: tuple[int, ...] = (16, 16, 32, 32, 96, 96, 256)  # ControlNet hint convs, then -> model_channels
     hint_strides: tuple[int, ...] = (1, 1, 2, 1, 2, 1, 2, 1)
+    # latent channel layout of the *main* UNet: one in_channels-wide latent group per modality, in this
+    # order (models/rgbd.py). ("rgb",) is X-Portrait; ("rgb", "depth") the joint RGB-D variant. The
+    # reference net and both ControlNets always take the rgb group alone (in_channels wide).
+    modalities: tuple[str, ...] = ("rgb",)
+
+    def __post_init__(self):
+        m = self.modalities
+        if len(set(m)) != len(m) or "rgb" not in m or not set(m) <= set(MODALITIES):
+            raise ValueError(f"modalities {m}: need 'rgb' once, plus any of {MODALITIES[1:]} at most once each")
+
+    @property
+    def main_in_channels(self) -> int:
+        """Channels of the main UNet's input latent x (all modality groups)."""
+        return self.in_channels * len(self.modalities)
+
+    @property
+    def main_out_channels(self) -> int:
+        """Channels of the main UNet's eps (one prediction per modality group)."""
+        return self.out_channels * len(self.modalities)
 
     @property
     def time_embed_dim(self) -> int:
@@ -154,3 +176,11 @@ PRESETS: dict[str, XPortraitConfig] = {
         image_size=128,
     ),
 }
+# the joint RGB-D variants (models/rgbd.py, docs/rgbd.md): the same model with the main UNet's latent
+# widened to [rgb | depth] (8 channels); every other module and key is the RGB preset's
+def rgbd_variant(cfg: XPortraitConfig) -> XPortraitConfig:
+    """`cfg` with the main UNet's latent widened to [rgb | depth]; named NAME-rgbd."""
+    return replace(cfg, name=f"{cfg.name}-rgbd", unet=replace(cfg.unet, modalities=("rgb", "depth")))
+
+
+PRESETS.update({f"{n}-rgbd": rgbd_variant(PRESETS[n]) for n in ("sd15", "tiny")})

@@ -33,7 +33,7 @@ def hint_block(cfg: UNetConfig) -> nn.Sequential:
 class UNetBody(nn.Module):
     """Builds the official block lists. `with_decoder=False` gives the ControlNet encoder+middle."""
 
-    def __init__(self, cfg: UNetConfig, with_decoder: bool = True):
+    def __init__(self, cfg: UNetConfig, with_decoder: bool = True, in_channels: int | None = None):
         super().__init__()
         mc, emb_dim = cfg.model_channels, cfg.time_embed_dim
         self.cfg = cfg
@@ -42,7 +42,8 @@ class UNetBody(nn.Module):
         def st(ch: int) -> SpatialTransformer:
             return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim)
 
-        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        conv_in = nn.Conv2d(in_channels or cfg.in_channels, mc, 3, padding=1)
+        self.input_blocks = nn.ModuleList([TimestepBlock(conv_in)])
         chans, ch, ds = [mc], mc, 1
         self.input_widths: list[int] = [mc]
         self.res_input_ids: list[int] = []  # input blocks that hold a ResBlock (motion modules follow them)
@@ -79,6 +80,12 @@ class UNetBody(nn.Module):
         self.out_width = ch
 
     def embed(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """t: (B,), or (B, G) one timestep per latent modality (models/rgbd.py): the mean of their
+        embeddings, which equals the (B,) embedding when all G are equal."""
+        if t.dim() == 2:
+            b, g = t.shape
+            return self.time_embed(timestep_embedding(t.reshape(b * g), self.cfg.model_channels).to(dtype)
+                                   ).reshape(b, g, -1).mean(1)
         return self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
 
 
@@ -86,13 +93,13 @@ class MainUNet(UNetBody):
     """model.diffusion_model (ControlledUnetModelAttn_Temporal_Pose_Local), spec §2.2."""
 
     def __init__(self, cfg: UNetConfig, motion: MotionConfig):
-        super().__init__(cfg, with_decoder=True)
+        super().__init__(cfg, with_decoder=True, in_channels=cfg.main_in_channels)  # widened for rgbd
         mm = lambda ch: motion_module(ch, motion.num_heads, motion.max_len)  # noqa: E731
         widths = self.input_widths
         self.input_blocks_motion_module = nn.ModuleList([mm(widths[i]) for i in self.res_input_ids])
         self.output_blocks_motion_module = nn.ModuleList([mm(w) for w in self.output_widths])
         self.out = nn.Sequential(norm32(self.out_width), nn.SiLU(),
-                                 nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1))
+                                 nn.Conv2d(cfg.model_channels, cfg.main_out_channels, 3, padding=1))
 
     def attn1_layers(self) -> list:
         """The 16 attn1 modules that read reference tokens, in bank order."""
@@ -108,7 +115,8 @@ class MainUNet(UNetBody):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 ref_kv: list | None = None, control: list[torch.Tensor] | None = None,
                 frames: int | None = None) -> torch.Tensor:
-        """x: (B*F, 4, h, w) noisy latents; t: (B*F,); context: (B*F, 77, Cctx).
+        """x: (B*F, 4·G, h, w) noisy latents, G = len(cfg.modalities) (1: RGB); t: (B*F,) or (B*F, G)
+        one per modality; context: (B*F, 77, Cctx). Returns eps in the layout of x.
 
         ref_kv: 16 (K_ref, V_ref) pairs of shape (1 or B*F, M, C) or None (plain self-attention,
         the unconditional branch). control: 13 summed ControlNet residuals or None. frames: frames

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from runtime.pipeline import CHECKPOINT_HELP, DEFAULT_CFG, DEFAULT_STEPS, SamplingConfig, animate, load_models
+from models.rgbd import KNOWN, MODES
 from runtime.windows import WindowSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w = p.add_argument_group("weights")
     w.add_argument("--checkpoint", type=Path, default=None,
                    help="official X-Portrait model_state-415001.th; without it: seeded random weights (demo)")
-    w.add_argument("--preset", choices=("tiny", "sd15"), default=None, help="default: sd15 with --checkpoint, else tiny")
+    w.add_argument("--preset", choices=("tiny", "sd15", "tiny-rgbd", "sd15-rgbd"), default=None,
+                   help="default: sd15 with --checkpoint, else tiny; --depth picks NAME-rgbd")
     w.add_argument("--sd15-base", type=Path, default=None, help="SD1.5 single-file weights (CLIP if the checkpoint lacks it)")
     w.add_argument("--lora", type=Path, default=None, help="kohya LoRA fused into the main UNet (e.g. LCM-LoRA)")
     w.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default: 1)")
@@ -71,6 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--window", type=int, default=16, help="frames per temporal window (default: 16)")
     s.add_argument("--overlap", type=int, default=4, help="frames shared by neighbouring windows (default: 4)")
     s.add_argument("--random-offsets", action="store_true", help="official random per-step window offset (seeded)")
+    d = p.add_argument_group("depth: the joint RGB-D variant (docs/rgbd.md)")
+    d.add_argument("--depth", action="store_true", help="preset NAME-rgbd; also writes OUT_depth.mp4 (near = white)")
+    d.add_argument("--depth-mode", choices=MODES, default="joint",
+                   help="joint (default); image-to-depth: RGB given (--given VIDEO, default: the re-framed driving "
+                        "frames); depth-to-image: depth given (--given VIDEO, gray, near = white)")
+    d.add_argument("--known", choices=KNOWN, default="renoise",
+                   help="the given modality enters noised to each step's t (renoise, default) or clean at t=0")
+    d.add_argument("--given", type=Path, default=None, help="video of the given modality, aligned with the output")
     return p.parse_args(argv)
 
 
@@ -115,6 +125,10 @@ def settings(args: argparse.Namespace) -> Settings:
     """Resolve preset-, device- and sampler-dependent defaults; raise ValueError on bad values."""
     from models.config import XPortraitConfig
     preset = args.preset or ("sd15" if args.checkpoint else "tiny")
+    if args.depth and not preset.endswith("-rgbd"):
+        preset += "-rgbd"
+    if not preset.endswith("-rgbd") and (args.depth_mode != "joint" or args.given is not None):
+        raise ValueError("--depth-mode/--given need --depth (the rgbd variant)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device (CPU-only build or no GPU): use --device cpu")
     dtype = DTYPES[args.dtype or ("fp16" if args.device == "cuda" else "fp32")]
@@ -165,6 +179,39 @@ def write_outputs(out: Path, images: torch.Tensor, source: torch.Tensor, driving
     return n, [out, path]
 
 
+def depth_inputs(args: argparse.Namespace, preset: str, driving: torch.Tensor) -> dict:
+    """animate()'s rgbd arguments: the mode and what it is given. driving: (N, 3, S, S) re-framed frames."""
+    if not preset.endswith("-rgbd"):
+        return {}
+    import cv2
+
+    from models.depth import from_display
+    from models.rgbd import RGBDMode
+    from runtime.video_io import read_video
+    mode = RGBDMode(args.depth_mode, args.known)
+    if mode.given is None or (mode.given == "rgb" and args.given is None):
+        return {"mode": mode, "given": driving if mode.given else None}
+    if args.given is None:
+        raise ValueError("--depth-mode depth-to-image needs --given DEPTH_VIDEO (gray, near = white)")
+    n, size = driving.shape[0], driving.shape[-1]
+    frames = read_video(args.given).frames
+    if len(frames) < n:
+        raise ValueError(f"--given {args.given} has {len(frames)} frames; the driving clip uses {n}")
+    x = torch.from_numpy(np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames[:n]]))
+    x = x.permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S) in [0, 1]
+    return {"mode": mode, "given": x * 2 - 1 if mode.given == "rgb" else from_display(x.mean(1, keepdim=True))}
+
+
+def write_depth(out: Path, depth: torch.Tensor, fps: float, caption: bool) -> Path:
+    """OUT_depth.mp4: (N, 1, H, W) normalized depth as gray, near = white (models/depth.py)."""
+    from models.depth import to_display
+    from runtime.video_io import write_video
+    gray = (to_display(depth).expand(-1, 3, -1, -1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    path = out.with_name(out.stem + "_depth.mp4")
+    write_video(path, _caption(gray, SHORT_CAPTION) if caption else gray, fps)
+    return path
+
+
 def run(args: argparse.Namespace, log=print) -> dict:
     """The whole job; raises on bad input. Returns a summary (frames, fps, paths, seconds, config)."""
     from runtime.preprocess import preprocess
@@ -193,12 +240,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
     try:
         result = animate(models.model, models.context, prep.source, prep.driving, prep.local, c,
                          taesd_encoder=models.taesd if args.encoder == "taesd" else None,
-                         taesd_decoder=models.taesd if args.decoder == "taesd" else None, progress=progress)
+                         taesd_decoder=models.taesd if args.decoder == "taesd" else None, progress=progress,
+                         **depth_inputs(args, st.preset, prep.driving))
     finally:
         progress.close()
     t_gen = time.perf_counter()
     n, paths = write_outputs(args.out, result.images, prep.source, prep.driving, video.fps,
                              not args.no_preview, models.random_weights)
+    if result.depth is not None:
+        paths.append(write_depth(args.out, result.depth, video.fps, models.random_weights))
     t_end = time.perf_counter()
     log(f"wrote {n} frames at {video.fps:g} fps: {', '.join(map(str, paths))} (total {t_end - t0:.1f} s: "
         f"preprocess {t_prep - t0:.1f}, generate {t_gen - t_prep:.1f}, write {t_end - t_gen:.1f})")

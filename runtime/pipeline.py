@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from models import rgbd
 from models.samplers import (INIT_MODES, SAMPLERS, draw_noise, initial_latent, make_sampler,
                              run_sampler, step_noise_fn)
 from models.schedule import ddpm_buffers
@@ -105,6 +106,33 @@ class Denoiser:
         return eps.float()
 
 
+class RGBDDenoiser(Denoiser):
+    """Denoiser of the rgbd variant (models/rgbd.py, docs/rgbd.md): per call, `mode` composes the widened
+    latent (the given modality put in, one timestep per modality), then the same cached eps pieces run.
+
+    given, noise: (N, 4, h, w) clean latents of mode.given and the fixed noise that re-noises them.
+    """
+
+    def __init__(self, *args, mode: rgbd.RGBDMode, given: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.mode, self.modalities, self.alphas = mode, self.model.cfg.unet.modalities, schedule(self.model)
+        self.given = None if given is None else given.to(self.device, torch.float32)
+        self.noise = None if noise is None else noise.to(self.device, torch.float32)
+
+    def __call__(self, x: torch.Tensor, t: int, idx: torch.Tensor) -> torch.Tensor:
+        f, idx = x.shape[0], idx.to(self.device)
+        pick = lambda z: None if z is None else z[idx]  # noqa: E731
+        x_in, t_mod = rgbd.compose(x, t, self.mode, self.modalities, self.alphas, pick(self.given), pick(self.noise))
+        eps = rgbd.eps_from_cache(self.model, x_in.to(self.dtype), t_mod, self.context.expand(f, -1, -1),
+                                  self.reference_kv(t), self.pose_feat[idx], self.local_feat[idx],
+                                  scale=self.cfg_scale, frames=f)
+        return eps.float()
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        return rgbd.finish(latents, self.mode, self.modalities, self.given)
+
+
 def sample(denoiser: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor], sampler, x_T: torch.Tensor,
            window: WindowSpec, noise_fn: Callable[[int], torch.Tensor | None] | None = None,
            on_window: Callable[[], None] | None = None, on_step=None) -> torch.Tensor:
@@ -144,14 +172,17 @@ def encode_source(model: XPortrait, image: torch.Tensor, taesd=None) -> torch.Te
 
 @torch.no_grad()
 def decode_latents(model: XPortrait, latents: torch.Tensor, taesd=None, batch: int = 8,
-                   on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-    """(N, 4, h, w) -> (N, 3, 8h, 8w) float32 images clamped to [-1, 1], on the CPU."""
+                   on_batch: Callable[[int], None] | None = None, depth: bool = False) -> torch.Tensor:
+    """(N, 4, h, w) -> (N, 3, 8h, 8w) float32 images clamped to [-1, 1], on the CPU; with `depth`,
+    (N, 1, 8h, 8w) normalized depth (models/depth.py: channel mean, clipped)."""
+    from models.depth import depth_from_image
     codec = taesd if taesd is not None else model.first_stage_model
     p = next(codec.parameters())
     out = []
     for i in range(0, latents.shape[0], batch):
         z = latents[i:i + batch].to(p.device, p.dtype)
-        out.append(codec.decode(z).float().clamp(-1, 1).cpu())
+        img = codec.decode(z).float()
+        out.append((depth_from_image(img) if depth else img.clamp(-1, 1)).cpu())
         if on_batch is not None:
             on_batch(z.shape[0])
     return torch.cat(out)
@@ -161,18 +192,22 @@ def decode_latents(model: XPortrait, latents: torch.Tensor, taesd=None, batch: i
 @dataclass
 class Result:
     images: torch.Tensor   # (N, 3, H, W) float32 in [-1, 1], CPU
-    latents: torch.Tensor  # (N, 4, h, w) final latents, float32
+    latents: torch.Tensor  # (N, 4·G, h, w) final latents in the model's layout, float32
     config: SamplingConfig  # resolved
+    depth: torch.Tensor | None = None  # rgbd: (N, 1, H, W) normalized depth in [-1, 1] (near -1), CPU
 
 
 @torch.no_grad()
 def animate(model: XPortrait, context: torch.Tensor, source: torch.Tensor, pose_hint: torch.Tensor,
             local_hint: torch.Tensor, config: SamplingConfig, taesd_encoder=None, taesd_decoder=None,
-            decode_batch: int = 8, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Result:
+            decode_batch: int = 8, progress: Callable[[str, int], Callable[[int], None]] | None = None,
+            mode: rgbd.RGBDMode | None = None, given: torch.Tensor | None = None) -> Result:
     """The offline pipeline on preprocessed tensors (runtime.preprocess.Preprocessed fields).
 
     source: (1, 3, H, W); pose_hint, local_hint: (N, 3, H, W), all in [-1, 1]. context: CLIP("").
     progress(stage, total) returns an advance(n) callback (e.g. a tqdm bar); None is silent.
+    rgbd models (models/rgbd.py): `mode` (default joint); `given` is what the mode supplies, (N', 3, H, W)
+    RGB frames in [-1, 1] for image-to-depth or (N', 1, H, W) normalized depth for depth-to-image, N' >= N.
     """
     cfg = config.resolved()
     n = pose_hint.shape[0]
@@ -183,16 +218,49 @@ def animate(model: XPortrait, context: torch.Tensor, source: torch.Tensor, pose_
     alphas = schedule(model)
     sampler = make_sampler(cfg.sampler, alphas, cfg.steps, cfg.gamma)
     gen = torch.Generator().manual_seed(cfg.seed)
-    shape = tuple(z_src.shape[1:])
-    x_T = initial_latent(alphas, z_src.cpu(), draw_noise(n, shape, gen, cfg.shared_noise), cfg.init).to(device)
+    mods = model.cfg.unet.modalities
+    if len(mods) == 1 and (mode is not None or given is not None):
+        raise ValueError(f"depth modes need an rgbd preset (e.g. {model.cfg.name}-rgbd), not {model.cfg.name}")
+    shape = (model.cfg.unet.main_in_channels, *z_src.shape[2:])
+    src = rgbd.widen_source(z_src, mods)  # rgbd: the depth group of x_T is the official init of a zero latent
+    noise = draw_noise(n, shape, gen, cfg.shared_noise)
+    x_T = initial_latent(alphas, src.cpu(), noise, cfg.init).to(device)
     noise_fn = step_noise_fn(sampler, n, shape, gen, cfg.step_noise, cfg.shared_noise, device)
     window = replace(cfg.window, seed=cfg.seed) if cfg.window.offsets == "random" else cfg.window
-    denoiser = Denoiser(model, z_src, context, pose_hint, local_hint, cfg.cfg_scale)
+    if len(mods) == 1:
+        denoiser = Denoiser(model, z_src, context, pose_hint, local_hint, cfg.cfg_scale)
+    else:
+        mode = mode or rgbd.RGBDMode()
+        z_given = encode_given(model, mode, given, n, source.shape[-2:], taesd_encoder) if mode.given else None
+        fixed = rgbd.group(noise, mods, mode.given) if mode.given else None
+        denoiser = RGBDDenoiser(model, z_src, context, pose_hint, local_hint, cfg.cfg_scale, mode=mode,
+                                given=z_given, noise=fixed)
     advance = progress("denoise", len(sampler) * windows_per_step(n, window)) if progress else None
     latents = sample(denoiser, sampler, x_T, window, noise_fn, on_window=(lambda: advance(1)) if advance else None)
-    advance = progress("decode", n) if progress else None
-    images = decode_latents(model, latents, taesd_decoder, decode_batch, advance)
-    return Result(images, latents.cpu(), cfg)
+    if len(mods) == 1:
+        advance = progress("decode", n) if progress else None
+        return Result(decode_latents(model, latents, taesd_decoder, decode_batch, advance), latents.cpu(), cfg)
+    latents = denoiser.finish(latents)
+    advance = progress("decode", 2 * n) if progress else None
+    images = decode_latents(model, rgbd.group(latents, mods, "rgb"), taesd_decoder, decode_batch, advance)
+    depth = decode_latents(model, rgbd.group(latents, mods, "depth"), taesd_decoder, decode_batch, advance, depth=True)
+    return Result(images, latents.cpu(), cfg, depth)
+
+
+@torch.no_grad()
+def encode_given(model: XPortrait, mode: rgbd.RGBDMode, given: torch.Tensor | None, n: int, hw: tuple[int, int],
+                 taesd=None, batch: int = 8) -> torch.Tensor:
+    """The given modality's clean latents (n, 4, h, w) float32: RGB frames (N', 3, H, W) in [-1, 1] or
+    normalized depth (N', 1, H, W), encoded like the source (KL mean or TAESD); the first n are used."""
+    from models.depth import to_image
+    want = 3 if mode.given == "rgb" else 1
+    if given is None or given.dim() != 4 or given.shape[1] != want or given.shape[0] < n or given.shape[2:] != hw:
+        got = None if given is None else tuple(given.shape)
+        raise ValueError(f"mode {mode.mode} needs the given {mode.given} as ({n} or more, {want}, {hw[0]}, {hw[1]}) "
+                         f"(the working size), got {got}")
+    frames = given[:n] if want == 3 else to_image(given[:n])
+    return torch.cat([encode_source(model, frames[i:i + batch], taesd) for i in range(0, n, batch)])
+
 
 # ----------------------------------------------------------------------------------- weights
 CHECKPOINT_HELP = ("real pictures need the official X-Portrait checkpoint model_state-415001.th "
@@ -264,6 +332,11 @@ def load_models(preset: str = "tiny", checkpoint=None, sd15_base=None, lora=None
         # check the keys on a meta-device model first: a wrong file fails in seconds, without
         # allocating (and default-initialising) 3B parameters; the strict loads then fill every tensor
         sd = read_state_dict(checkpoint)
+        if rgbd.is_rgbd(cfg):
+            if sd15_base is not None:
+                raise ValueError("--sd15-base does not fit an rgbd preset (its UNet is 4-channel); use an X-Portrait "
+                                 "checkpoint with CLIP, converted by `python -m models.rgbd convert`")
+            rgbd.check_layout(sd, cfg)  # an RGB file gets the conversion command, not a shape list
         model = meta_checked(cfg, sd, require_text_encoder=sd15_base is None)
         model.to_empty(device="cpu")
         if sd15_base is not None:
