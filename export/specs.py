@@ -39,18 +39,30 @@ def image(shape, g, dims):
     return torch.rand(shape, generator=g) * 2 - 1
 
 
+def _counters(dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element (write_slot, n_past) samples: element e writes slot (L/2 + e) mod L and has
+    max(L - 1 - e, 0) past frames, so elements differ (element 0 reads every slot but its own)."""
+    e = torch.arange(dims["B"], dtype=torch.int32)
+    return (dims["L"] // 2 + e) % dims["L"], (dims["L"] - 1 - e).clamp(min=0)
+
+
 def write_slot(shape, g, dims):
-    return torch.full(shape, dims["L"] // 2, dtype=torch.int32)
+    return _counters(dims)[0].reshape(shape)
 
 
 def n_past(shape, g, dims):
-    return torch.full(shape, dims["L"] - 1, dtype=torch.int32)  # every slot but write_slot is read
+    return _counters(dims)[1].reshape(shape)
 
 
 def ring(shape, g, dims):
-    """Raw K/V cache; the slot being written holds NaN, which the graph must never read."""
+    """Raw K/V ring (L, B*H_l*W_l, C); NaN in every slot an element must not read (its write slot and
+    those older than its n_past)."""
     x = torch.randn(shape, generator=g)
-    x[dims["L"] // 2] = float("nan")
+    L, rows = dims["L"], shape[1] // dims["B"]
+    for e, (ws, n) in enumerate(zip(*(c.tolist() for c in _counters(dims)))):
+        for slot in range(L):
+            if not 1 <= (ws - slot) % L <= n:
+                x[slot, e * rows:(e + 1) * rows] = float("nan")
     return x
 
 
@@ -98,12 +110,13 @@ def build_specs(cfg: XPortraitConfig) -> dict[str, ExportSpec]:
     img = lambda name, n: TensorDesc(name, (n, 3, "8*h", "8*w"), sample=image)  # noqa: E731
     t = lambda n: TensorDesc("t", (n,), "float32", timestep)  # noqa: E731
     ctx = TensorDesc("context", (1, 77, u.context_dim), sample=normal)
-    ref = tuple(TensorDesc(f"ref_{kv}_{i:02d}", (1, _tokens(ds), c), sample=normal)
-                for i, (ds, c) in enumerate(g.ref) for kv in "kv")
+    refs = lambda n: tuple(TensorDesc(f"ref_{kv}_{i:02d}", (n, _tokens(ds), c), sample=normal)  # noqa: E731
+                           for i, (ds, c) in enumerate(g.ref) for kv in "kv")
+    ref = refs(1)  # one source shared by the window; unet_stream takes one per element (batch B)
     ctrl = lambda n: tuple(TensorDesc(f"ctrl_{i:02d}", (n, c, *_hw(ds)), sample=normal)  # noqa: E731
                            for i, (ds, c) in enumerate(g.control))
     feat = lambda name: TensorDesc(name, ("B", u.model_channels, "h", "w"), sample=normal)  # noqa: E731
-    ring_in = (TensorDesc("write_slot", (1,), "int32", write_slot), TensorDesc("n_past", (1,), "int32", n_past),
+    ring_in = (TensorDesc("write_slot", ("B",), "int32", write_slot), TensorDesc("n_past", ("B",), "int32", n_past),
                *(TensorDesc(f"{kv}_cache_{i:02d}", ("L", _tokens(ds, "B"), c), sample=ring)
                  for i, (ds, c) in enumerate(g.motion) for kv in "kv"))
     ring_out = tuple(TensorDesc(f"{kv}_new_{i:02d}", (_tokens(ds, "B"), c))
@@ -114,7 +127,7 @@ def build_specs(cfg: XPortraitConfig) -> dict[str, ExportSpec]:
     xlat = lambda name, n: TensorDesc(name, (n, u.main_in_channels, "h", "w"), sample=normal)  # noqa: E731
     g_mod = len(u.modalities)
     tm = lambda n: t(n) if g_mod == 1 else TensorDesc("t", (n, g_mod), "float32", timestep)  # noqa: E731
-    unet_io = lambda cond, n: (xlat("x", n), tm(n), ctx, *((*ref, *ctrl(n)) if cond else ()))  # noqa: E731
+    unet_io = lambda cond, n, r=ref: (xlat("x", n), tm(n), ctx, *((*r, *ctrl(n)) if cond else ()))  # noqa: E731
     ae_note = "KL VAE kept fp32 in the fp16 set: SD VAEs can overflow in fp16 (depth-lcm-taesd.md §4)"
 
     specs = [
@@ -140,7 +153,7 @@ def build_specs(cfg: XPortraitConfig) -> dict[str, ExportSpec]:
                    (xlat("eps", "T"),), ("h", "w"), needs=("unet",),
                    doc="full-window main UNet, official unconditional branch (no reference, no control)"),
         ExportSpec("unet_stream", "per_frame_step", lambda s, o: UNetStream(s.get("unet"), True, n_ref, n_ctrl),
-                   (*unet_io(True, "B"), *ring_in), (xlat("eps", "B"), *ring_out), needs=("unet",),
+                   (*unet_io(True, "B", refs("B")), *ring_in), (xlat("eps", "B"), *ring_out), needs=("unet",),
                    doc="streaming main UNet, conditional: one new frame per stream, causal temporal K/V ring"),
         ExportSpec("unet_stream_uncond", "per_frame_step", lambda s, o: UNetStream(s.get("unet"), False),
                    (*unet_io(False, "B"), *ring_in), (xlat("eps", "B"), *ring_out), needs=("unet",),
@@ -321,13 +334,23 @@ def manifest_caches(specs: dict[str, ExportSpec], chosen: list[str], opts) -> di
             "producer": stream, "slots": opts.slots, "layers": len(names("unet_stream", "k_new_")),
             "inputs": names("unet_stream", "k_cache_", "inputs") + names("unet_stream", "v_cache_", "inputs"),
             "outputs": names("unet_stream", "k_new_") + names("unet_stream", "v_new_"),
+            "elements": "the batch B of a call: ring owners, one (stream, sampler step index) pair each, per "
+                        "CFG branch; elements of one call may be at different steps (t is (B,)) and have their "
+                        "own ref_k/ref_v rows (batch B)",
             "layout": "per layer (L, B*H_l*W_l, C_l), raw W_k·h / W_v·h without positional terms; "
-                      "row = stream * H_l*W_l + y * W_l + x",
-            "counters": "write_slot, n_past: int32 (1,), shared by every ring of the stream",
-            "init": "write_slot = 0, n_past = 0 (cache contents are never read before being written)",
-            "after_call": "copy k_new_i / v_new_i into slot write_slot of k_cache_i / v_cache_i",
-            "after_frame": "write_slot = (write_slot + 1) % L; n_past = min(n_past + 1, L - 1)",
-            "scope": "one ring set per sampler step index and per CFG branch (unet_stream_uncond keeps its own)",
+                      "row = element * H_l*W_l + y * W_l + x; the graph adds W_k·pe / W_v·pe (constants)",
+            "window": "past frames each motion layer sees = L - 1 (0..15, trained 15); frame j steps back of "
+                      "element e is in slot (write_slot[e] - j) mod L at position n_past[e] - j, the new "
+                      "frame at position n_past[e]",
+            "counters": "write_slot, n_past: int32 (B,), one pair per element, advanced independently",
+            "init": "element e starts (or restarts) a stream with write_slot[e] = 0, n_past[e] = 0 "
+                    "(ring contents are never read before being written)",
+            "after_call": "copy rows e*H_l*W_l..(e+1)*H_l*W_l of k_new_i / v_new_i into slot write_slot[e] "
+                          "of the same rows of k_cache_i / v_cache_i, for every element e",
+            "after_frame": "for each element that took a frame: write_slot[e] = (write_slot[e] + 1) % L; "
+                           "n_past[e] = min(n_past[e] + 1, L - 1)",
+            "scope": "one ring set per element: per stream, sampler step index and CFG branch "
+                     "(unet_stream_uncond keeps its own)",
             "elements_per_set": sum(2 * s.shape(t, opts)[0] * s.shape(t, opts)[1] * s.shape(t, opts)[2]
                                  for t in s.inputs if t.name.startswith("k_cache_")),
         }

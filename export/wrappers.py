@@ -97,10 +97,13 @@ class UNet(nn.Module):
 
 
 class UNetStream(nn.Module):
-    """Streaming main UNet (models/streaming.py): one new frame per stream + temporal ring caches.
+    """Streaming main UNet (models/streaming.py): one new frame per element + temporal ring caches.
 
-    Inputs: x, t, context, [ref_k/v x 16, ctrl x 13 if conditional], write_slot, n_past,
-    k_cache_00, v_cache_00, ..., v_cache_39. Outputs: eps, k_new_00, v_new_00, ..., v_new_39.
+    Inputs: x, t (B,), context, [ref_k/v x 16 of batch B (one source per element), ctrl x 13 if
+    conditional], write_slot, n_past (B,) int32 (one counter pair per element), k_cache_00, v_cache_00,
+    ..., v_cache_39 (L, B*H_l*W_l, C_l). Outputs: eps, k_new_00, v_new_00, ..., v_new_39. The graph
+    never writes the rings (write_ring=False): the host stores k_new/v_new (models.streaming.ring_write).
+    The positional tables W_k·pe / W_v·pe enter the graph as constants.
     """
 
     def __init__(self, unet: nn.Module, conditional: bool, n_ref: int = 16, n_ctrl: int = 13):

@@ -1,4 +1,4 @@
-"""Streaming temporal (motion-module) attention for one new frame, with a ring-buffer K/V cache.
+"""Streaming temporal (motion-module) attention for one new frame per element, with ring-buffer K/V caches.
 
 X-Portrait's motion modules attend along the frame axis separately for every spatial position, over a
 16-frame window with a sinusoidal positional encoding pe[0:16] added before the Q/K/V projections
@@ -11,21 +11,32 @@ so the cache stores the raw projections W_k·h (which never change) and the kern
 table pe_k[p] = W_k·pe[p] (P = 24 rows) on the fly. When a frame ages by one step its position changes,
 but nothing in the cache is rewritten.
 
-Ring layout: k_cache/v_cache are (L, R, C), L slots (16: 15 past frames + the slot being written),
-R = streams × spatial positions, C = heads × D. `write_slot` and `n_past` are int32 device tensors of
-shape (1,), read inside the kernel, so a frame step needs no host sync and can be replayed in a CUDA
-graph. Frame j steps back (j = 1..n_past) lives in slot (write_slot - j) mod L and has temporal
-position n_past - j; the new frame has position n_past and its raw k/v come from k_new/v_new. The
-kernel also copies k_new/v_new into slot write_slot (it never reads that slot, so there is no race).
+Elements: one call serves E ring owners ("elements": a (stream, denoising-step) pair each). The R rows
+are E equal blocks of R/E rows (row = e·R/E + spatial position), and `write_slot`, `n_past` are int32
+device tensors of shape (E,), one pair per element, read inside the kernel, so a frame step needs no
+host sync and can be replayed in a CUDA graph. Element e reads and writes only its own rows with its
+own counters, so elements join, leave and reset independently.
 
-Per row and head the sequence is at most L = 16 long, so this is a memory-bound streaming kernel, not
-a matmul: each program owns BLOCK_R rows of one head and loops over the n_past + 1 frames with an
-online softmax, using elementwise products and row sums in fp32 (no tl.dot, so the head dim is split
-into exact power-of-two chunks: 40 = 32 + 8, 80 = 64 + 16, 160 = 128 + 32). The grid puts the head
-index in the fastest dimension, so the programs sharing a cache line run at the same time.
+Ring layout: k_cache/v_cache are (L, R, C): L slots (window + 1), C = heads × D, rows contiguous (row
+stride C) but any slot stride, so a call may get a row-slice view of a bigger ring
+(ring[:, s·R/E:(s+E)·R/E]) without a copy. For element e, frame j steps back (j = 1..n_past[e]) lives
+in slot (write_slot[e] - j) mod L and has temporal position n_past[e] - j; the new frame has position
+n_past[e] and its raw k/v come from k_new/v_new. With write_cache the kernel also copies k_new/v_new
+into slot write_slot[e] of the element's rows (it never reads that slot, so there is no race).
 
-Where it runs: torch path as ``torch.ops.xportrait.motion_attention`` (mutates k_cache/v_cache);
-TensorRT through the opt-in plugin in ``engines/plugins/``, which does not write the cache.
+Ring dtype: the caches may be stored in another dtype than q (e.g. float8_e4m3fn to halve the ring);
+they are read with fp32 math. The kernel writes the ring only when it has q's dtype; otherwise the
+caller writes it (models.streaming.ring_write, torch's rounding).
+
+Per row and head the sequence is at most 16 long, so this is a memory-bound streaming kernel, not
+a matmul: each program owns BLOCK_R rows of one head and loops over up to max(n_past) + 1 frames of its
+rows with an online softmax (rows of elements with fewer past frames mask the extra ones), using
+elementwise products and row sums in fp32 (no tl.dot, so the head dim is split into exact power-of-two
+chunks: 40 = 32 + 8, 80 = 64 + 16, 160 = 128 + 32). The grid puts the head index in the fastest
+dimension, so the programs sharing a cache line run at the same time.
+
+Where it runs: torch path as ``torch.ops.xportrait.motion_attention`` (mutates k_cache/v_cache when
+write_cache); TensorRT through the opt-in plugin in ``engines/plugins/``, which does not write the cache.
 """
 
 import torch
@@ -39,14 +50,16 @@ try:
 except ImportError:  # CPU-only install: reference() still works, the kernel raises a clear error.
     triton = tl = None
 
-__all__ = ["motion_attention", "reference"]
+__all__ = ["motion_attention", "reference", "RING_DTYPES"]
+
+RING_DTYPES = (*KERNEL_DTYPES, torch.float8_e4m3fn)  # storage dtypes of k_cache/v_cache
 
 
 @_jit
 def _motion_attn_fwd(
     Q, KN, VN, KC, VC, PEK, PEV,  # *Pointers*: q/k_new/v_new (R,C), caches (L,R,C), pe tables (P,C)
-    WS, NP,  # *Pointers* to int32 write_slot and n_past (one element each)
-    R, L, P,  # rows, ring capacity, positional-table length
+    WS, NP,  # *Pointers* to int32 write_slot and n_past, (E,) each
+    R, E, L, P,  # rows, elements (R % E == 0), ring capacity, positional-table length
     stride_kcl, stride_vcl,  # slot strides (elements) of the caches
     Out,  # *Pointer* to the output (R,C)
     C: tl.constexpr,  # channels = the row stride of every (.., R, C) / (P, C) operand (contiguous rows)
@@ -71,57 +84,68 @@ def _motion_attn_fwd(
         off1 = rows[:, None] * C + c1[None, :]
         m1 = r_mask[:, None] & d1_mask[None, :]
 
-    # Clamp the device-side counters so bad values can never read out of bounds.
-    ws = (((tl.load(WS) % L) + L) % L).to(tl.int64)
-    n_past = tl.maximum(tl.minimum(tl.load(NP), tl.minimum(L - 1, P - 1)), 0)
+    # Per-row counters of the row's element, clamped so bad values can never read out of bounds.
+    elem = rows // (R // E)  # (BLOCK_R,)
+    ws = tl.load(WS + elem, mask=r_mask, other=0)
+    ws = (((ws % L) + L) % L).to(tl.int64)
+    n_row = tl.load(NP + elem, mask=r_mask, other=0)
+    n_row = tl.maximum(tl.minimum(n_row, tl.minimum(L - 1, P - 1)), 0)  # (BLOCK_R,)
+    n_max = tl.max(n_row, 0)  # frames this program loops over
 
     # New frame (position n_past): its score opens the online softmax as the first max, weight 1.
     q0 = tl.load(Q + off0, mask=m0, other=0.0).to(tl.float32) * QK_SCALE
     kn0 = tl.load(KN + off0, mask=m0, other=0.0)
     vn0 = tl.load(VN + off0, mask=m0, other=0.0)
     if WRITE_CACHE:
-        tl.store(KC + ws * stride_kcl + off0, kn0, mask=m0)
-        tl.store(VC + ws * stride_vcl + off0, vn0, mask=m0)
-    k0 = kn0.to(tl.float32) + tl.load(PEK + n_past * C + c0).to(tl.float32)[None, :]
-    acc0 = vn0.to(tl.float32) + tl.load(PEV + n_past * C + c0).to(tl.float32)[None, :]
+        tl.store(KC + (ws * stride_kcl)[:, None] + off0, kn0, mask=m0)
+        tl.store(VC + (ws * stride_vcl)[:, None] + off0, vn0, mask=m0)
+    pe0 = n_row[:, None] * C + c0[None, :]  # (BLOCK_R, D0) offsets into the pe tables
+    k0 = kn0.to(tl.float32) + tl.load(PEK + pe0, mask=m0, other=0.0).to(tl.float32)
+    acc0 = vn0.to(tl.float32) + tl.load(PEV + pe0, mask=m0, other=0.0).to(tl.float32)
     s = tl.sum(q0 * k0, 1)  # (BLOCK_R,) scores in the log2 domain
     if D1 > 0:
         q1 = tl.load(Q + off1, mask=m1, other=0.0).to(tl.float32) * QK_SCALE
         kn1 = tl.load(KN + off1, mask=m1, other=0.0)
         vn1 = tl.load(VN + off1, mask=m1, other=0.0)
         if WRITE_CACHE:
-            tl.store(KC + ws * stride_kcl + off1, kn1, mask=m1)
-            tl.store(VC + ws * stride_vcl + off1, vn1, mask=m1)
-        pk1 = tl.load(PEK + n_past * C + c1, mask=d1_mask, other=0.0).to(tl.float32)
-        pv1 = tl.load(PEV + n_past * C + c1, mask=d1_mask, other=0.0).to(tl.float32)
-        s += tl.sum(q1 * (kn1.to(tl.float32) + pk1[None, :]), 1)
-        acc1 = vn1.to(tl.float32) + pv1[None, :]
+            tl.store(KC + (ws * stride_kcl)[:, None] + off1, kn1, mask=m1)
+            tl.store(VC + (ws * stride_vcl)[:, None] + off1, vn1, mask=m1)
+        pe1 = n_row[:, None] * C + c1[None, :]
+        k1 = kn1.to(tl.float32) + tl.load(PEK + pe1, mask=m1, other=0.0).to(tl.float32)
+        s += tl.sum(q1 * k1, 1)
+        acc1 = vn1.to(tl.float32) + tl.load(PEV + pe1, mask=m1, other=0.0).to(tl.float32)
     m_i = s
     l_i = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
 
-    for j in range(1, n_past + 1):  # past frames, newest first
-        slot = (ws - j + L) % L
-        pos = n_past - j
-        kc = KC + slot * stride_kcl  # scalar base pointers of this slot
-        vc = VC + slot * stride_vcl
-        k0 = tl.load(kc + off0, mask=m0, other=0.0).to(tl.float32)
-        k0 += tl.load(PEK + pos * C + c0).to(tl.float32)[None, :]
+    for j in range(1, n_max + 1):  # past frames, newest first
+        valid = r_mask & (j <= n_row)  # (BLOCK_R,) rows whose element has a frame j steps back
+        slot = (ws - j + L) % L  # (BLOCK_R,) int64
+        pos = tl.maximum(n_row - j, 0)
+        kc = KC + (slot * stride_kcl)[:, None]  # (BLOCK_R, 1) base pointers of each row's slot
+        vc = VC + (slot * stride_vcl)[:, None]
+        v0_mask = valid[:, None]
+        pp0 = pos[:, None] * C + c0[None, :]
+        k0 = tl.load(kc + off0, mask=v0_mask, other=0.0).to(tl.float32)
+        k0 += tl.load(PEK + pp0, mask=v0_mask, other=0.0).to(tl.float32)
         s = tl.sum(q0 * k0, 1)
         if D1 > 0:
-            k1 = tl.load(kc + off1, mask=m1, other=0.0).to(tl.float32)
-            k1 += tl.load(PEK + pos * C + c1, mask=d1_mask, other=0.0).to(tl.float32)[None, :]
+            v1_mask = valid[:, None] & d1_mask[None, :]
+            pp1 = pos[:, None] * C + c1[None, :]
+            k1 = tl.load(kc + off1, mask=v1_mask, other=0.0).to(tl.float32)
+            k1 += tl.load(PEK + pp1, mask=v1_mask, other=0.0).to(tl.float32)
             s += tl.sum(q1 * k1, 1)
+        s = tl.where(valid, s, float("-inf"))  # m_i stays finite (the new frame's score), so p = 0 here
         m_new = tl.maximum(m_i, s)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new)
         l_i = l_i * alpha + p
         m_i = m_new
-        v0 = tl.load(vc + off0, mask=m0, other=0.0).to(tl.float32)
-        v0 += tl.load(PEV + pos * C + c0).to(tl.float32)[None, :]
+        v0 = tl.load(vc + off0, mask=v0_mask, other=0.0).to(tl.float32)
+        v0 += tl.load(PEV + pp0, mask=v0_mask, other=0.0).to(tl.float32)
         acc0 = acc0 * alpha[:, None] + p[:, None] * v0
         if D1 > 0:
-            v1 = tl.load(vc + off1, mask=m1, other=0.0).to(tl.float32)
-            v1 += tl.load(PEV + pos * C + c1, mask=d1_mask, other=0.0).to(tl.float32)[None, :]
+            v1 = tl.load(vc + off1, mask=v1_mask, other=0.0).to(tl.float32)
+            v1 += tl.load(PEV + pp1, mask=v1_mask, other=0.0).to(tl.float32)
             acc1 = acc1 * alpha[:, None] + p[:, None] * v1
 
     inv_l = 1.0 / l_i
@@ -140,17 +164,16 @@ def _motion_attn_fwd(
 
 def _launch_config(d0: int, d1: int) -> dict:
     """BLOCK_R x D tiles of 2-3K elements (D = 40/80/160 -> 64/32/16 rows), 4 warps, a 2-stage
-    pipelined frame loop: 95 registers and no spills in ptxas for sm_90. Not yet tuned on a GPU
-    (bench/kernels.py)."""
+    pipelined frame loop. Not yet tuned on a GPU (bench/kernels.py)."""
     d_pad = 1 << (d0 + d1 - 1).bit_length()
     return dict(BLOCK_R=max(16, 4096 // d_pad), num_warps=4, num_stages=2)
 
 
 def _launch(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads: int, scale: float,
             out: torch.Tensor, write_cache: bool = True) -> torch.Tensor:
-    """Launch the kernel writing into `out` (R,C) and, if write_cache, the ring slot. Asynchronous:
-    nothing here synchronizes the stream."""
-    _check_inputs(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads)
+    """Launch the kernel writing into `out` (R,C) and, if write_cache, each element's ring slot.
+    Asynchronous: nothing here synchronizes the stream."""
+    _check_inputs(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads, write_cache)
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"motion_attention kernel supports {KERNEL_DTYPES}, got {q.dtype}")
     _check_kernel_available(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, out,
@@ -161,7 +184,8 @@ def _launch(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, h
             raise ValueError(f"motion_attention: {name} needs contiguous rows, strides (.., {C}, 1); got {t.stride()}")
     if R * C >= 2**31:
         raise ValueError(f"motion_attention: R*C = {R * C} elements per slot exceed int32 offsets; split the rows")
-    q, k_new, v_new, pe_k, pe_v = (t.contiguous() for t in (q, k_new, v_new, pe_k, pe_v))
+    q, k_new, v_new, pe_k, pe_v, write_slot, n_past = (
+        t.contiguous() for t in (q, k_new, v_new, pe_k, pe_v, write_slot, n_past))
     if R == 0:
         return out
     D = C // heads
@@ -170,7 +194,7 @@ def _launch(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, h
     grid = (heads, triton.cdiv(R, cfg["BLOCK_R"]))  # heads fastest: neighbours share cache lines
     _runnable(_motion_attn_fwd)[grid](
         q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past,
-        R, k_cache.shape[0], pe_k.shape[0], k_cache.stride(0), v_cache.stride(0),
+        R, write_slot.numel(), k_cache.shape[0], pe_k.shape[0], k_cache.stride(0), v_cache.stride(0),
         out,
         C=C, HEAD_DIM=D, D0=d0, D1=d1, QK_SCALE=scale * _LOG2E, WRITE_CACHE=write_cache,
         INTERP_BF16=interpret_mode() and q.dtype == torch.bfloat16, **cfg,
@@ -182,18 +206,18 @@ def _launch(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, h
 def _motion_attention_op(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     pe_k: torch.Tensor, pe_v: torch.Tensor, write_slot: torch.Tensor, n_past: torch.Tensor,
-    heads: int, scale: float,
+    heads: int, scale: float, write_cache: bool = True,
 ) -> torch.Tensor:
     return _launch(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads, scale,
-                   q.new_empty(q.shape))
+                   q.new_empty(q.shape), write_cache)
 
 
 @_motion_attention_op.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads, scale):
+def _(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads, scale, write_cache=True):
     return q.new_empty(q.shape)
 
 
-def _check_inputs(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads):
+def _check_inputs(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads, write_cache=False):
     if q.dim() != 2 or q.shape != k_new.shape or q.shape != v_new.shape:
         raise ValueError(f"q, k_new, v_new must be (R, C) of one shape; "
                          f"got {tuple(q.shape)}, {tuple(k_new.shape)}, {tuple(v_new.shape)}")
@@ -204,60 +228,77 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_p
     if pe_k.dim() != 2 or pe_k.shape[1] != C or pe_v.shape != pe_k.shape or pe_k.shape[0] < 1:
         raise ValueError(f"pe_k, pe_v must be (P, {C}); got {tuple(pe_k.shape)}, {tuple(pe_v.shape)}")
     for name, t in (("write_slot", write_slot), ("n_past", n_past)):
-        if t.dtype != torch.int32 or t.numel() != 1:
-            raise TypeError(f"{name} must be an int32 tensor of shape (1,), got {t.dtype} {tuple(t.shape)}")
+        if t.dtype != torch.int32 or t.dim() != 1 or t.numel() < 1:
+            raise TypeError(f"{name} must be an int32 tensor of shape (E,), one counter per element; "
+                            f"got {t.dtype} {tuple(t.shape)}")
+    E = write_slot.numel()
+    if n_past.shape != write_slot.shape or R % E:
+        raise ValueError(f"write_slot {tuple(write_slot.shape)} and n_past {tuple(n_past.shape)} must both be "
+                         f"(E,) with E dividing the {R} rows (E equal row blocks, one per element)")
     if heads <= 0 or C % heads:
         raise ValueError(f"channels {C} are not divisible by heads {heads}")
-    if len({t.dtype for t in (q, k_new, v_new, k_cache, v_cache, pe_k, pe_v)}) != 1:
-        raise TypeError("q, k_new, v_new, k_cache, v_cache, pe_k, pe_v must share one dtype")
+    if len({t.dtype for t in (q, k_new, v_new, pe_k, pe_v)}) != 1:
+        raise TypeError("q, k_new, v_new, pe_k, pe_v must share one dtype")
+    if k_cache.dtype != v_cache.dtype or (k_cache.dtype != q.dtype and k_cache.dtype not in RING_DTYPES):
+        raise TypeError(f"k_cache, v_cache must share one dtype: q's or one of {RING_DTYPES}; "
+                        f"got {k_cache.dtype}, {v_cache.dtype}")
+    if write_cache and k_cache.dtype != q.dtype:
+        raise TypeError(f"the ring is {k_cache.dtype} and q is {q.dtype}: the kernel writes the ring only in q's "
+                        "dtype; pass write_cache=False and store k_new/v_new with models.streaming.ring_write")
 
 
 def motion_attention(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads: int,
-                     scale: float | None = None) -> torch.Tensor:
-    """Attention of the new frame over itself and n_past cached frames, per row and head.
+                     scale: float | None = None, write_cache: bool = True) -> torch.Tensor:
+    """Attention of each element's new frame over itself and its n_past cached frames, per row and head.
 
     q, k_new, v_new (R,C): q already includes W_q·pe[n_past]; k_new/v_new are raw (no positional term).
-    k_cache, v_cache (L,R,C): raw ring buffers, written in place at slot write_slot.
-    pe_k, pe_v (P,C): W_k·pe[p], W_v·pe[p]. write_slot, n_past: int32 (1,) device tensors,
-    0 <= n_past <= min(L, P) - 1 (clamped in the kernel). Returns (R,C) in q's dtype.
-    The caches need contiguous rows (strides (.., C, 1)); the other operands are copied if they lack them.
+    R = E equal row blocks, one per element. k_cache, v_cache (L,R,C): raw ring buffers (rows contiguous,
+    any slot stride: views of a bigger ring work), in q's dtype or another of RING_DTYPES.
+    pe_k, pe_v (P,C): W_k·pe[p], W_v·pe[p]. write_slot, n_past: int32 (E,) device tensors,
+    0 <= n_past <= min(L, P) - 1 (clamped in the kernel). write_cache: store k_new/v_new in slot
+    write_slot[e] of each element's rows (needs the ring in q's dtype). Returns (R,C) in q's dtype.
     """
-    _check_inputs(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads)
+    _check_inputs(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads, write_cache)
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"motion_attention kernel supports {KERNEL_DTYPES}, got {q.dtype}")
     _check_kernel_available(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past,
                             name="motion_attention")
     scale = (q.shape[-1] // heads) ** -0.5 if scale is None else float(scale)
     return torch.ops.xportrait.motion_attention(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v,
-                                                write_slot, n_past, heads, scale)
+                                                write_slot, n_past, heads, scale, write_cache)
 
 
 def reference(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads: int,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, write_cache: bool = True) -> torch.Tensor:
     """Plain PyTorch definition, including the ring write; no host sync (usable in CUDA graphs).
 
-    Gathers all L slots with their positions, masks the ones older than n_past, and runs an explicit
-    softmax. Products run in the input dtype, the softmax in at least fp32.
+    Gathers the L - 1 older slots of every element with their positions, puts the new frame first,
+    masks the slots older than n_past, and runs an explicit softmax. Products run in q's dtype (the
+    ring is cast to it), the softmax in at least fp32.
     """
     _check_inputs(q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, write_slot, n_past, heads)
     L, R, C = k_cache.shape
-    D = C // heads
+    E, D = write_slot.numel(), C // heads
     scale = D**-0.5 if scale is None else float(scale)
-    ws = write_slot.reshape(1).long() % L
-    k_cache.index_copy_(0, ws, k_new[None])
-    v_cache.index_copy_(0, ws, v_new[None])
-
-    j = torch.arange(L, device=q.device)  # steps back; j = 0 is the new frame
-    slots = (ws - j) % L  # (L,)
-    n = n_past.reshape(1).long().clamp(0, min(L, pe_k.shape[0]) - 1)
-    pos = (n - j).clamp(min=0)  # temporal positions; j > n_past are masked below
-    k = (k_cache[slots] + pe_k[pos][:, None]).reshape(L, R, heads, D)  # (L, R, heads, D)
-    v = (v_cache[slots] + pe_v[pos][:, None]).reshape(L, R, heads, D)
-    v = v.masked_fill((j > n)[:, None, None, None], 0)  # unused slots may hold garbage (NaN * 0 = NaN)
-    s = torch.einsum("rhd,lrhd->rhl", q.reshape(R, heads, D), k) * scale  # (R, heads, L)
-    s = s.masked_fill(j > n, float("-inf"))
+    ws = write_slot.long() % L  # (E,)
+    e = torch.arange(E, device=q.device)
+    kc, vc = k_cache.unflatten(1, (E, R // E)), v_cache.unflatten(1, (E, R // E))  # (L, E, HW, C) views
+    j = torch.arange(L, device=q.device)[:, None]  # (L, 1) steps back; j = 0 is the new frame
+    slots = (ws[None] - j[1:]) % L  # (L-1, E)
+    n = n_past.long().clamp(0, min(L, pe_k.shape[0]) - 1)  # (E,)
+    pos = (n[None] - j).clamp(min=0)  # (L, E) temporal positions; j > n_past is masked below
+    k = torch.cat([k_new.reshape(1, E, R // E, C), kc[slots, e].to(q.dtype)]) + pe_k[pos][:, :, None]
+    v = torch.cat([v_new.reshape(1, E, R // E, C), vc[slots, e].to(q.dtype)]) + pe_v[pos][:, :, None]
+    unused = (j > n[None])[:, :, None, None]  # (L, E, 1, 1)
+    v = v.masked_fill(unused, 0)  # unused slots may hold garbage (NaN * 0 = NaN)
+    s = torch.einsum("ewhd,lewhd->ewhl", q.reshape(E, R // E, heads, D), k.unflatten(-1, (heads, D))) * scale
+    s = s.masked_fill(unused.permute(1, 2, 3, 0), float("-inf"))
     p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(s.dtype)
-    return torch.einsum("rhl,lrhd->rhd", p, v).reshape(R, C)
+    out = torch.einsum("ewhl,lewhd->ewhd", p, v.unflatten(-1, (heads, D))).reshape(R, C)
+    if write_cache:
+        kc[ws, e] = k_new.reshape(E, R // E, C).to(kc.dtype)
+        vc[ws, e] = v_new.reshape(E, R // E, C).to(vc.dtype)
+    return out
 
 
 def bytes_moved(rows: int, channels: int, frames: int, itemsize: int) -> float:

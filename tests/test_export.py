@@ -211,12 +211,16 @@ def test_dynamic_shapes(tmp_path, weights, source, specs):
     """--dynamic: one graph serves other batch sizes and resolutions; profiles are in the manifest."""
     from engines.manifest import Manifest
     opts = ExportOptions(latent_hw=(16, 16), window=2, slots=3, dynamic=True)
-    name = "unet_stream_uncond"  # the graph with the most derived dims (cache rows B*h*w/ds^2)
+    # the graph with the most derived dims (ring rows B*h*w/ds^2, per-element ref K/V and counters);
+    # at B = 2 the sample counters and ref K/V differ per element (export/specs.py)
+    name = "unet_stream"
     folder = export_all("tiny", tmp_path, ("fp32",), (name,), opts, log=lambda s: None, **weights)["fp32"]
     e = Manifest.load(folder / "manifest.json").engine(name)
     assert e.profile["x"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 16, 16], "max": [4, 4, 24, 24]}
     assert e.profile["k_cache_04"] == {"min": [3, 16, 64], "opt": [3, 64, 64], "max": [3, 576, 64]}
-    assert e.inputs[5].shape == [3, "B*h*w", 32]  # k_cache_00
+    shapes = {t.name: t.shape for t in e.inputs}
+    assert shapes["k_cache_00"] == [3, "B*h*w", 32] and shapes["write_slot"] == ["B"]
+    assert shapes["ref_k_00"][0] == "B"
     for other in (ExportOptions(latent_hw=(24, 16), batch=2, window=2, slots=3), opts):
         feed = specs[name].sample_inputs(other, seed=4)
         with torch.no_grad():

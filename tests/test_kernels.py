@@ -191,6 +191,74 @@ def test_motion_attention_streaming_sequence(request):
         assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref), f"frame {frame}"
 
 
+# (write_slot, n_past) per element: first frame, wrapped, partly filled, wrapped at write_slot 0
+MA_ELEMENTS = ((0, 0), (2, 5), (5, 3), (0, 5))
+
+
+def _elements_ring(gen, dtype, L, rows_per, C, ws, n_past, extra=3):
+    """(L, E*rows_per, C) ring as a row-slice view of a bigger ring (slot stride != R*C; `extra` rows on
+    both sides that no call may touch), NaN in every slot an element must not read."""
+    big = _randn(gen, L, len(ws) * rows_per + 2 * extra, C, dtype=dtype)
+    ring = big[:, extra:extra + len(ws) * rows_per]
+    for e, (w, n) in enumerate(zip(ws, n_past)):
+        for slot in range(L):
+            if not 1 <= (w - slot) % L <= n:
+                ring[slot, e * rows_per:(e + 1) * rows_per] = float("nan")
+    return big, ring
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_motion_attention_per_element_counters_on_ring_views(request, dtype):
+    """E = 4 elements with their own (write_slot, n_past), 5 rows each (blocks straddle elements),
+    caches that are views of a bigger ring: output vs the float64 reference; each element's slot gets
+    its own k_new/v_new rows and every other byte of the big ring is untouched; write_cache=False
+    gives the same output and writes nothing."""
+    gen = _gen(request)
+    L, rows_per, d = 6, 5, 40
+    ws, n_past = zip(*MA_ELEMENTS)
+    C, R = HEADS * d, len(ws) * rows_per
+    q, k_new, v_new = (_randn(gen, R, C, dtype=dtype) for _ in range(3))
+    (kbig, kc), (vbig, vc) = (_elements_ring(gen, dtype, L, rows_per, C, ws, n_past) for _ in range(2))
+    pe_k, pe_v = (_randn(gen, P, C, dtype=dtype) for _ in range(2))
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    counters = (torch.tensor(ws, **i32), torch.tensor(n_past, **i32))
+    kbig0, vbig0 = kbig.clone(), vbig.clone()
+    ref64 = ma.reference(q.double(), k_new.double(), v_new.double(), kc.double(), vc.double(), pe_k.double(),
+                         pe_v.double(), *counters, HEADS, write_cache=False)
+    ref_lo = ma.reference(q, k_new, v_new, kc.clone(), vc.clone(), pe_k, pe_v, *counters, HEADS)
+
+    out = ma.motion_attention(q, k_new, v_new, kc, vc, pe_k, pe_v, *counters, HEADS, write_cache=False)
+    _check(out, ref_lo, ref64, dtype, "motion_attention per element, no write")
+    assert _equal_nan(kbig, kbig0) and _equal_nan(vbig, vbig0)
+    out2 = ma.motion_attention(q, k_new, v_new, kc, vc, pe_k, pe_v, *counters, HEADS)
+    assert torch.equal(out2, out)
+    for big, big0, new in ((kbig, kbig0, k_new), (vbig, vbig0, v_new)):
+        for e, w in enumerate(ws):
+            rows = slice(3 + e * rows_per, 3 + (e + 1) * rows_per)
+            assert torch.equal(big[w, rows], new[e * rows_per:(e + 1) * rows_per]), e
+            big0[w, rows] = new[e * rows_per:(e + 1) * rows_per]
+        assert _equal_nan(big, big0)  # nothing else was written (NaN slots and the rows outside the view)
+
+
+def test_motion_attention_fp8_ring(request):
+    """An fp8 (e4m3) ring is read with fp32 math: kernel = reference on the same ring; the kernel
+    refuses to write it (the caller stores k_new/v_new with torch's rounding)."""
+    gen = _gen(request)
+    L, rows_per, d = 6, 5, 40
+    ws, n_past = zip(*MA_ELEMENTS)
+    C, R = HEADS * d, len(ws) * rows_per
+    q, k_new, v_new = (_randn(gen, R, C, dtype=torch.float32) for _ in range(3))
+    kc, vc = (_randn(gen, L, R, C, dtype=torch.float32).to(torch.float8_e4m3fn) for _ in range(2))
+    pe_k, pe_v = (_randn(gen, P, C, dtype=torch.float32) for _ in range(2))
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    counters = (torch.tensor(ws, **i32), torch.tensor(n_past, **i32))
+    ref = ma.reference(q, k_new, v_new, kc, vc, pe_k, pe_v, *counters, HEADS, write_cache=False)
+    out = ma.motion_attention(q, k_new, v_new, kc, vc, pe_k, pe_v, *counters, HEADS, write_cache=False)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    with pytest.raises(TypeError, match="ring_write"):
+        ma.motion_attention(q, k_new, v_new, kc, vc, pe_k, pe_v, *counters, HEADS)
+
+
 def test_motion_attention_torch_ops_mutates_cache(request):
     args = _ma_inputs(_gen(request), torch.float32, 80, "partly_filled")
     q, k_new, v_new, k_cache, v_cache, pe_k, pe_v, ws, n_past = args
@@ -270,6 +338,9 @@ def test_bad_inputs_raise():
     r, c = torch.randn(4, 80), torch.randn(3, 4, 80)
     with pytest.raises(TypeError, match="int32"):
         ma.reference(r, r, r, c, c, c[0], c[0], torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int32), 2)
+    i3 = torch.zeros(3, dtype=torch.int32)  # 3 elements cannot split 4 rows
+    with pytest.raises(ValueError, match="dividing"):
+        ma.reference(r, r, r, c, c, c[0], c[0], i3, i3, 2)
 
 
 # ------------------------------------------------------------------------- TensorRT plugins (engines/plugins)
@@ -310,7 +381,7 @@ def test_trt_aot_ptx_follows_plugin_calling_convention():
     assert res.returncode == 0, res.stderr[-3000:]
     ptx = json.loads(res.stdout.strip().splitlines()[-1])
     expected = {"reference_attention": ["u64"] * 5 + ["u32"] * 15 + ["u64"],
-                "motion_attention": ["u64"] * 9 + ["u32"] * 5 + ["u64"]}
+                "motion_attention": ["u64"] * 9 + ["u32"] * 6 + ["u64"]}
     for which, want in expected.items():
         params = _ptx_params(ptx[which])
         assert params[:len(want)] == want and len(params) - len(want) in (0, 1, 2), (which, params)

@@ -5,10 +5,11 @@ Plugins (namespace "xportrait", TensorRT >= 10.7 `tensorrt.plugin`):
 * ``xportrait::reference_attention``: inputs q, k, v (B,N,C) / (B,NK,C), k_ref, v_ref (Br,M,C);
   attributes heads (int), scale (float); output (B,N,C) like q.
 * ``xportrait::motion_attention``: inputs q, k_new, v_new (R,C), k_cache, v_cache (L,R,C), pe_k, pe_v
-  (P,C), write_slot, n_past (int32, (1,)); attributes heads, scale; output (R,C) like q. The plugin
-  does NOT write the ring buffer (TensorRT treats inputs as read-only): the host binds the engine's
-  k_new/v_new outputs (or copies them) into slot write_slot after the call, or before it, since the
-  kernel never reads that slot.
+  (P,C), write_slot, n_past (int32, (E,): one pair per element, R = E equal row blocks); attributes
+  heads, scale; output (R,C) like q. The plugin does NOT write the ring buffer (TensorRT treats inputs
+  as read-only): the host stores the engine's k_new/v_new rows of element e into slot write_slot[e]
+  (models.streaming.ring_write) after the call, or before it, since the kernel never reads that slot.
+  TensorRT hands the plugin contiguous tensors, so the slot stride is R*C here.
 
 Each plugin has an AOT implementation (the Triton kernel compiled to PTX at build time and embedded in
 the engine; no Python at run time) and a JIT implementation (a Python callback launching the same
@@ -207,10 +208,11 @@ def _register_motion_attention(trt, trtp) -> None:
              v_cache: trtp.TensorDesc, pe_k: trtp.TensorDesc, pe_v: trtp.TensorDesc, write_slot: trtp.TensorDesc,
              n_past: trtp.TensorDesc, heads: int, scale: float, outputs, tactic: int):
         R, C = q.shape_expr[0], q.shape_expr[1]
-        L, P = k_cache.shape_expr[0], pe_k.shape_expr[0]
+        E, L, P = write_slot.shape_expr[0], k_cache.shape_expr[0], pe_k.shape_expr[0]
         c = _static(C, "channel dim of q")
         compiled, cfg = compile_motion_attention(_torch_dtype(trt, q.dtype), heads, c, scale)
-        scalars = [R, L, P, R * c, R * c]  # rows, ring capacity, table length, cache slot strides
+        # rows, elements (one counter pair each), ring capacity, table length, cache slot strides
+        scalars = [R, E, L, P, R * c, R * c]
         launch = trtp.KernelLaunchParams()
         launch.grid_x = heads
         launch.grid_y = trtp.cdiv(R, cfg["BLOCK_R"])
