@@ -165,7 +165,14 @@ def print_table(rows: list[dict]) -> None:
               f"{_fmt(r['rel_err'], '8.1e')}" + (f"  skipped: {r['skipped']}" if r["skipped"] else ""))
 
 
-def main(argv=None) -> int:
+class BenchUnavailable(RuntimeError):
+    """The benchmark cannot run here (no CUDA GPU, no Triton); the message says what is needed."""
+
+
+def _main(argv=None) -> int:
+    from models.cli import add_debug_flag
+    from models.fileio import check_output_path
+
     ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["reference", "motion"], help="benchmark one kernel only")
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES))
@@ -174,18 +181,19 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-ms", type=int, default=25)
     ap.add_argument("--rep-ms", type=int, default=100)
     ap.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
+    if args.json:
+        check_output_path(args.json, (".json",), flag="--json")
 
     if not torch.cuda.is_available():
-        print("bench.kernels: no CUDA GPU visible; these benchmarks time CUDA kernels and cannot run on CPU. "
-              "Run on a machine with an NVIDIA GPU (the kernels' correctness tests run on CPU: "
-              "pytest tests/test_kernels.py).", file=sys.stderr)
-        return 2
+        raise BenchUnavailable("bench.kernels: no CUDA GPU visible; these benchmarks time CUDA kernels and cannot "
+                               "run on CPU. Run on a machine with an NVIDIA GPU (the kernels' correctness tests "
+                               "run on CPU: pytest tests/test_kernels.py)")
     try:
         import triton
     except ImportError:
-        print("bench.kernels: Triton is not installed (pip install triton).", file=sys.stderr)
-        return 2
+        raise BenchUnavailable("bench.kernels: Triton is not installed (pip install the gpu extra: triton)") from None
 
     torch.manual_seed(0)
     rows = []
@@ -199,12 +207,19 @@ def main(argv=None) -> int:
     print(f"# {env}")
     print_table(rows)
     if args.json:
-        from pathlib import Path
+        from models.fileio import atomic_write
 
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+        atomic_write(args.json, json.dumps(dict(env=env, rows=rows), indent=1))
         print(f"# wrote {args.json}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit codes (models/cli.py): 0 ok, 1 cannot run here (no GPU/Triton) or bad --json path, 2 usage,
+    3 internal error, 130/143 interrupted."""
+    from models.cli import run_main
+
+    return run_main(_main, argv, expected=(BenchUnavailable,))
 
 
 if __name__ == "__main__":

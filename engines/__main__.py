@@ -16,6 +16,9 @@ from pathlib import Path
 
 from engines import build as B
 from engines import inspect_engine, trt_import
+from engines.cache import external_data_files
+from models.cli import add_debug_flag, run_main
+from models.fileio import check_output_folder, check_output_path
 
 
 def parse_shape(text: str) -> tuple[str, tuple]:
@@ -47,46 +50,71 @@ def _args(argv):
     b.add_argument("--timing-cache", type=Path, help="full TensorRT timing cache file")
     b.add_argument("--rebuild", default="auto", choices=("auto", "never", "always"))
     b.add_argument("-v", "--verbose", action="store_true")
+    add_debug_flag(b)
     i = sub.add_parser("inspect", help="list I/O and layers with precisions")
     i.add_argument("engine", type=Path)
     i.add_argument("--trt", default=None, choices=("auto", *trt_import.FLAVOURS))
     i.add_argument("--json", action="store_true")
-    return p.parse_args(argv)
+    add_debug_flag(i)
+    a = p.parse_args(argv)
+    if a.cmd == "build" and a.workspace_mib < 1:
+        p.error(f"--workspace-mib must be >= 1, got {a.workspace_mib}")
+    return a
+
+
+def _plan_path(a, path: Path) -> Path:
+    return (a.out or path.parent) / (path.stem + ".plan")
+
+
+def _check_paths(a) -> None:
+    """Every input exists and every output can be written, before the first (slow) build."""
+    for path in a.paths:
+        if path.is_dir():
+            if a.shape or a.out:
+                raise ValueError(f"{path}: --shape/--out apply to .onnx inputs; a manifest carries its own profiles")
+            check_output_folder(path, flag="manifest folder")
+        elif path.suffix == ".onnx":
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist; export it first with `python -m export`")
+            external_data_files(path)  # parses the graph (not the weights): a non-ONNX file fails here
+            check_output_path(_plan_path(a, path), (".plan",), inputs=a.paths, flag="--out" if a.out else "plan")
+        else:
+            raise ValueError(f"{path}: not a folder or an .onnx file")
+    if a.timing_cache is not None:
+        check_output_path(a.timing_cache, None, flag="--timing-cache")
 
 
 def _build(a) -> None:
     config = B.BuildConfig(flavour=a.trt, targets=tuple(a.target), workspace_mib=a.workspace_mib,
                            opt_level=a.opt_level, timing_cache=a.timing_cache, rebuild=a.rebuild,
                            verbose=a.verbose)
+    _check_paths(a)
     for path in a.paths:
         if path.is_dir():
-            if a.shape or a.out:
-                raise ValueError(f"{path}: --shape/--out apply to .onnx inputs; a manifest carries its own profiles")
             results = B.build_manifest(path, config, a.only)
-        elif path.suffix == ".onnx":
-            out = (a.out or path.parent) / (path.stem + ".plan")
-            results = [B.build_engine(path, out, dict(a.shape), config)]
         else:
-            raise ValueError(f"{path}: not a folder or an .onnx file")
+            results = [B.build_engine(path, _plan_path(a, path), dict(a.shape), config)]
         for r in results:
             state = f"built in {r.seconds:.1f}s ({r.reason})" if r.built else "cached"
             print(f"{r.engine}  {state}  [{r.key.builder} {r.key.builder_version} {','.join(r.key.targets)}]")
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     a = _args(argv)
     logging.basicConfig(level=logging.INFO if getattr(a, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if a.cmd == "build":
-            _build(a)
-        else:
-            report = inspect_engine.inspect(a.engine, a.trt)
-            print(json.dumps(report, indent=1) if a.json else inspect_engine.format_report(report))
-    except (OSError, ValueError, RuntimeError, ImportError) as e:  # library errors carry the fix
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if a.cmd == "build":
+        _build(a)
+    else:
+        report = inspect_engine.inspect(a.engine, a.trt)
+        print(json.dumps(report, indent=1) if a.json else inspect_engine.format_report(report))
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit codes: models/cli.py (0 ok, 1 bad input, 2 usage, 3 internal, 130/143 interrupted)."""
+    from engines.cache import EngineCacheError
+    return run_main(_main, argv, expected=(B.BuildError, EngineCacheError))
 
 
 if __name__ == "__main__":

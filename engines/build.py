@@ -137,7 +137,7 @@ def _add_profile(fl, builder, network, bconfig, prof: dict, onnx_path: Path) -> 
     names = {t.name for t in inputs}
     unknown = sorted(set(prof) - names)
     if unknown:
-        raise ValueError(f"profile names unknown input(s) {unknown}; {onnx_path.name} has {sorted(names)}")
+        raise ValueError(f"profile (--shape) names unknown input(s) {unknown}; {onnx_path.name} has {sorted(names)}")
     dynamic = [t for t in inputs if -1 in tuple(t.shape)]
     missing = [t.name for t in dynamic if t.name not in prof]
     if missing:
@@ -159,7 +159,8 @@ def _add_profile(fl, builder, network, bconfig, prof: dict, onnx_path: Path) -> 
 def _check_profile_shape(name: str, net_shape: tuple, s: dict) -> None:
     for k in ("min", "opt", "max"):
         if len(s[k]) != len(net_shape):
-            raise ValueError(f"profile[{name!r}].{k}: rank {len(s[k])} but the input has shape {net_shape}")
+            raise ValueError(f"profile[{name!r}].{k} (--shape {name}:MIN,OPT,MAX): rank {len(s[k])} but the input "
+                             f"has shape {net_shape}")
         for d, (want, got) in enumerate(zip(net_shape, s[k])):
             if want != -1 and want != got:
                 raise ValueError(f"profile[{name!r}].{k}[{d}] = {got} but that dim is static ({want})")

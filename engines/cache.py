@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,7 +57,13 @@ def external_data_files(onnx_path: Path) -> list[Path]:
     """The external-data files an ONNX model references, sorted, without loading the weights."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except OSError:
+        raise
+    except Exception as e:  # protobuf DecodeError and friends: not an ONNX file, or a truncated one
+        raise ValueError(f"{onnx_path}: not a readable ONNX model ({type(e).__name__}: {e}); "
+                         "re-export it with `python -m export`") from None
     locations = set()
     for t in _tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -137,29 +141,12 @@ def check(engine_path: Path, key: BuildKey) -> str | None:
 
 # ---------------------------------------------------------------- atomic writes
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: Path, data) -> None:
-    """Write bytes/str/buffer to `path` via a temp file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        data = data.encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write bytes/str/buffer to `path` via a temp file in the same folder and os.replace
+    (the one helper every command uses: models.fileio.atomic_write)."""
+    from models.fileio import atomic_write as write
+
+    write(path, data)
 
 
 def write_json(path: Path, obj) -> None:

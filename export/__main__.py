@@ -23,9 +23,12 @@ from export.spec import ExportOptions
 from export.specs import (DEFAULT_MODULES, ModelSource, build_specs, manifest_caches, manifest_pipeline,
                           manifest_sampler_maths)
 from export.to_onnx import EXTERNAL_BYTES, export_graph
+from models.cli import add_debug_flag, run_main
+from models.fileio import atomic_output, check_output_path
 from models.config import PRESETS, XPortraitConfig
 from models.rgbd import layout_info
 
+STEP_RANGE = {"ddim": (1, 1000), "lcm": (1, 50), "tcd": (1, 50)}  # models/samplers.py
 ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool", 3: "int8", 2: "uint8"}
 
 
@@ -94,7 +97,8 @@ def export_all(preset: str, out: Path, precisions=("fp16",), modules=DEFAULT_MOD
                    "weights": f"random (seed {seed})" if checkpoint is None else Path(checkpoint).name,
                    "versions": {"torch": torch.__version__, "onnx": __import__("onnx").__version__}}
     for p, folder in folders.items():
-        save_file({"context": source.context.float().contiguous()}, str(folder / "context.safetensors"))
+        with atomic_output(folder / "context.safetensors") as tmp:
+            save_file({"context": source.context.float().contiguous()}, str(tmp))
         m = Manifest(engines=entries[p],
                      sampler={**sampler_table(cfg, sampler, steps), **manifest_sampler_maths(cfg, sampler, steps)},
                      caches=manifest_caches(specs, [s.name for s in chosen], opts),
@@ -109,10 +113,54 @@ def export_all(preset: str, out: Path, precisions=("fp16",), modules=DEFAULT_MOD
 
 def _latent(text: str) -> tuple[int, int]:
     h, _, w = text.partition("x")
-    return int(h), int(w or h)
+    try:
+        return int(h), int(w or h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--latent {text!r}: use H or HxW, e.g. 64 or 64x48") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def planned_outputs(out: Path, precisions, modules) -> list[Path]:
+    """Every file an export writes: OUT/<precision>/{NAME.onnx, NAME.onnx.data, context.safetensors, manifest.json}."""
+    files = []
+    for p in precisions:
+        folder = Path(out) / p
+        for m in modules:
+            files += [folder / f"{m}.onnx", folder / f"{m}.onnx.data"]
+        files += [folder / "context.safetensors", folder / "manifest.json"]
+    return files
+
+
+def validate(a, cfg: XPortraitConfig) -> None:
+    """Option ranges, input files and output paths, before any model is built (errors name the flag).
+    (--modules is checked by export_all right after the specs are built, before any weights.)"""
+    lo, hi = STEP_RANGE[a.sampler]
+    if not lo <= a.steps <= hi:
+        raise ValueError(f"--steps {a.steps}: the {a.sampler} sampler takes {lo} to {hi} steps")
+    for flag, value, low in (("--batch", a.batch, 1), ("--window", a.window, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if a.slots is not None and not 2 <= a.slots <= 24:
+        raise ValueError(f"--slots {a.slots}: must be in [2, 24] (the positional table has 24 rows)")
+    if a.latent is not None:
+        h, w = a.latent
+        if h < 8 or w < 8 or h % 8 or w % 8:
+            raise ValueError(f"--latent {h}x{w}: each side must be a positive multiple of 8 (the UNet halves it "
+                             f"3 times); images are 8x larger ({8 * h}x{8 * w})")
+    inputs = {"--checkpoint": a.checkpoint, "--taesd": a.taesd, "--lora": a.lora, "--context": a.context}
+    for flag, path in inputs.items():
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    if a.out.exists() and not a.out.is_dir():
+        raise ValueError(f"--out {a.out} is a file; --out takes a folder (one subfolder per precision)")
+    for f in planned_outputs(a.out, a.precision, a.modules):
+        check_output_path(f, None, inputs=[v for v in inputs.values() if v is not None and v.is_file()],
+                          flag="--out")
+    if a.checkpoint is not None:
+        from models.weights import check_keys
+        check_keys(a.checkpoint, a.preset, values=False)  # keys and shapes on the meta device, named by path
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))  # NAME-rgbd: docs/rgbd.md
@@ -132,24 +180,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latent", type=_latent, help="latent size H or HxW (default: the preset's, 64 for sd15)")
     p.add_argument("--batch", type=int, default=1, help="B: frames per call of per-frame graphs / streams")
     p.add_argument("--window", type=int, help="T: frames of the full-window unet (default: the preset's, 16)")
-    p.add_argument("--slots", type=int, help="L: temporal ring slots = past frames + 1 (default: the window)")
+    p.add_argument("--slots", type=int, help="L: temporal ring slots = past frames + 1, 2..24 (default: the window)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "lcm", "tcd"])
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="ddim: 1-1000, lcm/tcd: 1-50 (default: 30)")
     p.add_argument("--opset", type=int, default=18)
+    add_debug_flag(p)
     a = p.parse_args(argv)
     if a.opset < 18:
         p.error("--opset must be >= 18")
     cfg = XPortraitConfig.from_name(a.preset)
+    validate(a, cfg)
     window = a.window or cfg.motion.window
-    try:
-        opts = ExportOptions(latent_hw=a.latent or (cfg.latent_size,) * 2, batch=a.batch, window=window,
-                             slots=a.slots or min(window, 24), dynamic=a.dynamic, opset=a.opset)
-        export_all(a.preset, a.out, tuple(dict.fromkeys(a.precision)), a.modules, opts, a.checkpoint, a.taesd,
-                   a.lora, a.lora_scale, a.context, a.seed, a.sampler, a.steps)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    opts = ExportOptions(latent_hw=a.latent or (cfg.latent_size,) * 2, batch=a.batch, window=window,
+                         slots=a.slots or min(window, 24), dynamic=a.dynamic, opset=a.opset)
+    export_all(a.preset, a.out, tuple(dict.fromkeys(a.precision)), a.modules, opts, a.checkpoint, a.taesd,
+               a.lora, a.lora_scale, a.context, a.seed, a.sampler, a.steps)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: models/cli.py (0 ok, 1 bad input, 2 usage, 3 internal, 130/143 interrupted)."""
+    return run_main(_main, argv, expected=(KeyError,))
 
 
 if __name__ == "__main__":

@@ -303,30 +303,38 @@ def to_fp16(graph: Graph) -> Graph:
 # ------------------------------------------------------------------------------------- save
 def save(graph: Graph, path: Path, external_bytes: int = EXTERNAL_BYTES) -> list[Path]:
     """Write `path` (and `path`.data, streamed tensor by tensor, when the weights exceed
-    `external_bytes`). `graph` is left unchanged. Returns the files written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    `external_bytes`). `graph` is left unchanged. Returns the files written.
+
+    Both files are written to temp files and renamed into place only once both are complete
+    (models.fileio), so an interrupted export leaves the previous graph and its data untouched.
+    """
+    from models.fileio import atomic_output
     data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
     out = onnx.ModelProto()
     out.CopyFrom(graph.model)  # small: large weights are external (or the whole model is small)
     external = graph.weight_bytes() > external_bytes
-    with open(data, "wb") if external else contextlib.nullcontext() as f:
-        for t in out.graph.initializer:
-            if t.data_location != TensorProto.EXTERNAL and not external:
-                continue
-            a = graph.array(t)
-            if not external or a.nbytes < 1024:
-                t.CopyFrom(numpy_helper.from_array(a, t.name))
-                continue
-            f.write(b"\0" * (-f.tell() % 4096))  # page-aligned, so loaders can mmap each tensor
-            offset = f.tell()
-            f.write(np.ascontiguousarray(a).tobytes())
-            t.ClearField("raw_data")
-            t.data_location = TensorProto.EXTERNAL
-            del t.external_data[:]
-            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(a.nbytes))):
-                t.external_data.add(key=k, value=v)
-    onnx.save_model(out, str(path))
+    with atomic_output(path) as tmp_model:
+        with atomic_output(data) if external else contextlib.nullcontext() as tmp_data:
+            with open(tmp_data, "wb") if external else contextlib.nullcontext() as f:
+                for t in out.graph.initializer:
+                    if t.data_location != TensorProto.EXTERNAL and not external:
+                        continue
+                    a = graph.array(t)
+                    if not external or a.nbytes < 1024:
+                        t.CopyFrom(numpy_helper.from_array(a, t.name))
+                        continue
+                    f.write(b"\0" * (-f.tell() % 4096))  # page-aligned, so loaders can mmap each tensor
+                    offset = f.tell()
+                    f.write(np.ascontiguousarray(a).tobytes())
+                    t.ClearField("raw_data")
+                    t.data_location = TensorProto.EXTERNAL
+                    del t.external_data[:]
+                    for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(a.nbytes))):
+                        t.external_data.add(key=k, value=v)
+            onnx.save_model(out, str(tmp_model))
+        # the data file (if any) is in place now; the graph that refers to it is renamed last
+    if not external:
+        data.unlink(missing_ok=True)  # a stale external-data file of an earlier, larger export
     return [path, data] if external else [path]
 
 

@@ -13,6 +13,7 @@ keys and the fix. CLI: `python -m models.weights check-keys FILE --preset sd15`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -29,29 +30,78 @@ class CheckpointError(ValueError):
     """A checkpoint does not match the model; the message names the keys and the fix."""
 
 
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as e:  # safetensors raises its own error types (truncated, not safetensors at all)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt: "
+                              "re-download or re-convert it") from None
+
+
+def _load_pickle(path: Path, mmap: bool = False):
+    """torch.load(weights_only=True) with errors that say why the file was refused and what to do."""
+    import pickle
+    import re
+    import zipfile
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_sentence(e)}); "
+                                  "it is truncated or corrupt: re-download it") from None
+        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+        if not found:
+            m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+            raise CheckpointError(
+                f"{path}: refused by torch.load(weights_only=True) ({m.group(1).strip() if m else 'unsupported data'}): "
+                "it is not a torch checkpoint, or a pickle whose operations weights-only loading will not run; "
+                "pass the official model_state-*.th or a .safetensors file") from None
+        what = f" ({', '.join(found)})"
+        raise CheckpointError(
+            f"{path}: refused: the pickle contains non-tensor objects{what}, and loading them could run "
+            "arbitrary code, so torch.load(weights_only=True) will not execute them. If you trust the file, "
+            "convert it once to safetensors (allowlist exactly those classes with "
+            "torch.serialization.safe_globals([...]), load with weights_only=True, save the tensors with "
+            "safetensors.torch.save_file; docs/reliability.md has the recipe) and pass the .safetensors "
+            "file") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {_first_sentence(e)}); "
+                              "it is truncated or corrupt: re-download it") from None
+
+
+def _first_sentence(e: Exception, limit: int = 160) -> str:
+    """The exception's first sentence on one line (never cut mid-word), or its type if it has no text."""
+    text = " ".join(str(e).split())
+    end = text.find(". ")
+    text = text[:end] if end >= 0 else text.rstrip(".")
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text or type(e).__name__
+
+
+def _unwrap(path: Path, obj) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (optionally under 'state_dict'), "
+                              f"found {type(obj).__name__}; pass the official X-Portrait model_state-*.th")
+    return obj
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors or a torch pickle (weights_only=True; unwraps 'state_dict')."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-convert it") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}: cannot be loaded safely with torch.load(weights_only=True) ({e.__class__.__name__}: "
-            f"{str(e).splitlines()[0][:200]}). If it is a trusted pickle with extra objects, convert it once to "
-            "safetensors with the official code; truncated files must be downloaded again") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a dict of tensors (optionally under 'state_dict')")
-    return obj
+        with _open_safetensors(path) as f:
+            try:
+                return {k: f.get_tensor(k) for k in f.keys()}
+            except Exception as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt: "
+                                      "re-download or re-convert it") from None
+    return _unwrap(path, _load_pickle(path))
 
 
 def _short(keys: list[str], n: int = 8) -> str:
@@ -92,30 +142,34 @@ def split_text_encoder(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return rest, text
 
 
-def load_xportrait(model, source: str | Path | dict, require_text_encoder: bool = False) -> dict:
+def load_xportrait(model, source: str | Path | dict, require_text_encoder: bool = False,
+                   name: str | None = None) -> dict:
     """Strictly load an official X-Portrait state dict into `models.xportrait.XPortrait`.
 
     CLIP weights (`cond_stage_model.*`) are optional in the file: they are loaded if the model has
     a text encoder, and returned otherwise (to compute CLIP("") once). Returns the CLIP state dict.
+    name: the file's path for messages when `source` is an already-read dict.
     """
     sd = read_state_dict(source) if not isinstance(source, dict) else source
-    name = str(source) if not isinstance(source, dict) else "state dict"
+    name = name or (str(source) if not isinstance(source, dict) else "the checkpoint (in-memory state dict)")
     sd, text = split_text_encoder(sd)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("cond_stage_model.")}
     missing, unexpected, shapes = diff_keys(expected, _shapes(sd))
-    fix = ("pass the official X-Portrait checkpoint (model_state-*.th) for this preset "
-           f"({model.cfg.name}); an SD1.5 file belongs to --sd15-base, a LoRA to --lora")
-    raise_on_mismatch(name, missing, unexpected, shapes, fix)
+    if missing or unexpected or shapes:
+        _raise_preset_mismatch(name, model.cfg.name, _shapes(sd), missing, unexpected, shapes,
+                               "pass the official X-Portrait checkpoint (model_state-*.th) for this preset "
+                               f"(--preset {model.cfg.name}); an SD1.5 file belongs to --sd15-base, a LoRA to --lora")
     model.load_state_dict(sd, strict=False)
     if hasattr(model, "cond_stage_model"):
         if text:
             load_text_encoder(model.cond_stage_model.transformer, text, name)
         elif require_text_encoder:
-            raise CheckpointError(f"{name} has no cond_stage_model.* (CLIP) weights; load them from an SD1.5 file")
+            raise CheckpointError(f"{name} has no cond_stage_model.* (CLIP) weights (they are optional in the "
+                                  "file): pass an SD1.5 file with --sd15-base for CLIP")
     return text
 
 
-def meta_checked(cfg, sd: dict, require_text_encoder: bool = False):
+def meta_checked(cfg, sd: dict, require_text_encoder: bool = False, name: str | None = None):
     """Check `sd` against an XPortrait of `cfg` built on the meta device; return that (empty) model.
 
     A wrong file fails in seconds, before 3B parameters are allocated; the caller then materialises
@@ -128,7 +182,7 @@ def meta_checked(cfg, sd: dict, require_text_encoder: bool = False):
         model = XPortrait(cfg, with_text_encoder=True).eval()
     with warnings.catch_warnings():  # copying into meta tensors is a no-op, and torch warns per key
         warnings.simplefilter("ignore", UserWarning)
-        load_xportrait(model, sd, require_text_encoder=require_text_encoder)
+        load_xportrait(model, sd, require_text_encoder=require_text_encoder, name=name)
     return model
 
 
@@ -146,7 +200,7 @@ def load_text_encoder(clip, text_sd: dict, name: str = "checkpoint") -> None:
 SD15_IGNORED = ("model_ema.", "lvlb_weights", "cond_stage_model.transformer.text_model.embeddings.position_ids")
 
 
-def load_sd15_base(model, source: str | Path | dict) -> dict[str, list[str]]:
+def load_sd15_base(model, source: str | Path | dict, name: str | None = None) -> dict[str, list[str]]:
     """Initialise an X-Portrait model from SD1.5 single-file weights (original LDM key names).
 
     The SD UNet goes to the main UNet, the reference net (no `out`) and both ControlNets (encoder
@@ -155,7 +209,7 @@ def load_sd15_base(model, source: str | Path | dict) -> dict[str, list[str]]:
     value ("not_loaded") and must come from an X-Portrait or AnimateDiff checkpoint.
     """
     sd = read_state_dict(source) if not isinstance(source, dict) else source
-    name = str(source) if not isinstance(source, dict) else "state dict"
+    name = name or (str(source) if not isinstance(source, dict) else "the SD1.5 base (in-memory state dict)")
     unet_sd = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
     if not unet_sd:
         raise CheckpointError(f"{name} has no model.diffusion_model.* keys: not an SD1.5 single-file checkpoint "
@@ -225,54 +279,149 @@ def load_taesd(taesd, encoder: str | Path | dict | None = None, decoder: str | P
         net.load_state_dict(sd, strict=True)
 
 
-# --------------------------------------------------------------------------------------------- CLI
-def manifest_shapes(path: Path) -> dict[str, tuple]:
-    """Key -> shape from a key manifest (full_keys.json format) or from a checkpoint file."""
-    if path.suffix == ".json":
-        d = json.loads(path.read_text())
-        keys = d.get("keys", d)
-        return {k: tuple(v["shape"] if isinstance(v, dict) else v) for k, v in keys.items()}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    return _shapes(read_state_dict(path))
+# ------------------------------------------------------------------------- key check (meta device)
+def expected_shapes(preset: str) -> dict[str, tuple]:
+    """Key -> shape of the preset's full model (CLIP included), from a meta-device build (no memory)."""
+    return dict(_expected_shapes(preset))
 
 
-def check_keys(path: Path, preset: str) -> tuple[int, dict[str, tuple]]:
-    """Verify every key/shape of FILE maps onto the preset's model (built on the meta device)."""
+@functools.lru_cache(maxsize=None)
+def _expected_shapes(preset: str) -> dict[str, tuple]:
     from models.config import XPortraitConfig
     from models.xportrait import XPortrait
-    cfg = XPortraitConfig.from_name(preset)
     with torch.device("meta"):
-        model = XPortrait(cfg, with_text_encoder=True)
-    expected = _shapes(model.state_dict())
-    provided = manifest_shapes(path)
+        model = XPortrait(XPortraitConfig.from_name(preset), with_text_encoder=True)
+    return _shapes(model.state_dict())
+
+
+def preset_hint(provided: dict[str, tuple], preset: str) -> str:
+    """'the file fits preset X: pass --preset X' when another preset matches every non-CLIP key/shape."""
+    from models.config import PRESETS
+    own = {k: v for k, v in provided.items() if not k.startswith("cond_stage_model.")}
+    for other in PRESETS:
+        if other == preset:
+            continue
+        want = {k: v for k, v in expected_shapes(other).items() if not k.startswith("cond_stage_model.")}
+        if own and not any(diff_keys(want, own)):
+            return f"the file fits preset {other}, not {preset}: pass --preset {other}"
+    return ""
+
+
+def _raise_preset_mismatch(name: str, preset: str, provided: dict, missing: list, unexpected: list, shapes: list,
+                           fix: str) -> None:
+    """CheckpointError for a key/shape mismatch; when another preset fits, say that first and briefly."""
+    hint = preset_hint(provided, preset)
+    if hint:
+        raise CheckpointError(f"{name}: {hint} (for preset {preset}: {len(missing)} missing, {len(unexpected)} "
+                              f"unexpected, {len(shapes)} mis-shaped keys)")
+    raise_on_mismatch(name, missing, unexpected, shapes, fix)
+
+
+def file_shapes(path: str | Path) -> dict[str, tuple]:
+    """Key -> shape from a key manifest (full_keys.json format) or a checkpoint, without reading weights
+    where the format allows (safetensors header, memory-mapped zip pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.suffix == ".json":
+        return _manifest_shapes(path)
+    if path.suffix == ".safetensors":
+        with _open_safetensors(path) as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return _shapes(_unwrap(path, _load_pickle(path, mmap=True)))
+
+
+def _manifest_shapes(path: Path) -> dict[str, tuple]:
+    form = 'expected {"keys": {"KEY": {"shape": [..]}, ...}} or {"KEY": [..], ...} (like full_keys.json)'
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid JSON key manifest ({e}); {form}") from None
+    keys = d.get("keys", d) if isinstance(d, dict) else None
+    if not isinstance(keys, dict) or not keys:
+        raise CheckpointError(f"{path}: no keys found; {form}")
+    out = {}
+    for k, v in keys.items():
+        shape = v.get("shape") if isinstance(v, dict) else v
+        if not isinstance(shape, list) or not all(isinstance(x, int) and x >= 0 for x in shape):
+            raise CheckpointError(f"{path}: key {k!r} has no valid shape ({v!r}); {form}")
+        out[k] = tuple(shape)
+    return out
+
+
+def manifest_shapes(path: Path) -> dict[str, tuple]:
+    """Key -> shape from a key manifest or a checkpoint (alias of file_shapes)."""
+    return file_shapes(path)
+
+
+def nonfinite_keys(path: Path) -> list[str]:
+    """Keys of a checkpoint file whose tensors hold NaN/Inf (read one tensor at a time for safetensors)."""
+    from models.finite import nonfinite_tensors
+    if path.suffix == ".safetensors":
+        with _open_safetensors(path) as f:
+            return nonfinite_tensors((k, f.get_tensor(k)) for k in f.keys())  # one tensor in memory at a time
+    return nonfinite_tensors(_unwrap(path, _load_pickle(path, mmap=True)).items())
+
+
+def check_keys(path: str | Path, preset: str, values: bool = True) -> tuple[int, dict[str, tuple], list[str]]:
+    """Verify every key/shape of FILE maps onto the preset's model (built on the meta device) and, for a
+    checkpoint with `values`, that every tensor is finite. Returns (keys in the file, expected, notes).
+
+    CLIP (`cond_stage_model.*`) keys are optional: a file without any is fine (noted); a file with
+    some must have them all.
+    """
+    from models.finite import NonFiniteError
+    path = Path(path)
+    provided = file_shapes(path)
+    expected = expected_shapes(preset)
+    notes = []
+    if not any(k.startswith("cond_stage_model.") for k in provided):
+        expected = {k: v for k, v in expected.items() if not k.startswith("cond_stage_model.")}
+        notes.append("no CLIP text-encoder keys (cond_stage_model.*): optional; give CLIP with --sd15-base "
+                     "(runtime) or --context (export)")
     if POSITION_IDS in provided:
-        if provided[POSITION_IDS] != (1, cfg.clip.max_positions):
-            raise CheckpointError(f"{POSITION_IDS} has shape {provided[POSITION_IDS]}, expected (1, {cfg.clip.max_positions})")
+        from models.config import XPortraitConfig
+        want = (1, XPortraitConfig.from_name(preset).clip.max_positions)
+        if provided[POSITION_IDS] != want:
+            raise CheckpointError(f"{path}: {POSITION_IDS} has shape {provided[POSITION_IDS]}, expected {want}")
         expected[POSITION_IDS] = provided[POSITION_IDS]
     missing, unexpected, shapes = diff_keys(expected, provided)
-    raise_on_mismatch(str(path), missing, unexpected, shapes,
-                      f"the file is not an X-Portrait checkpoint of preset {preset}")
-    return len(provided), expected
+    if missing or unexpected or shapes:
+        _raise_preset_mismatch(str(path), preset, provided, missing, unexpected, shapes,
+                               f"the file is not an X-Portrait checkpoint of preset {preset}")
+    if values and path.suffix != ".json":
+        bad = nonfinite_keys(path)
+        if bad:
+            raise NonFiniteError(f"{path}: {len(bad)} tensors hold NaN/Inf values ({_short(bad, 5)}): the "
+                                 "checkpoint is corrupt and would give black or noisy frames; re-download it")
+    return len(provided), expected, notes
 
 
-def main(argv: list[str] | None = None) -> int:
+# --------------------------------------------------------------------------------------------- CLI
+def _main(argv: list[str] | None = None) -> int:
+    from models.cli import add_debug_flag
+    from models.config import PRESETS
     p = argparse.ArgumentParser(prog="python -m models.weights")
     sub = p.add_subparsers(dest="cmd", required=True)
     ck = sub.add_parser("check-keys", help="verify that every key and shape of FILE maps onto our model")
     ck.add_argument("file", type=Path, help="key manifest (.json like full_keys.json) or checkpoint (.th/.safetensors)")
-    ck.add_argument("--preset", default="sd15")
+    ck.add_argument("--preset", default="sd15", choices=sorted(PRESETS))
+    ck.add_argument("--skip-values", action="store_true",
+                    help="check keys and shapes only (default: also check every tensor is finite)")
+    add_debug_flag(ck)
     args = p.parse_args(argv)
-    try:
-        n, expected = check_keys(args.file, args.preset)
-    except (CheckpointError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    n, expected, notes = check_keys(args.file, args.preset, values=not args.skip_values)
     numel = sum(int(torch.Size(s).numel()) for s in expected.values())
-    print(f"ok: all {n} keys of {args.file} map onto preset {args.preset} ({numel:,} elements, shapes match)")
+    finite = ", all finite" if not args.skip_values and args.file.suffix != ".json" else ""
+    print(f"ok: all {n} keys of {args.file} map onto preset {args.preset} ({numel:,} elements, shapes match{finite})")
+    for note in notes:
+        print(f"note: {note}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.cli import run_main
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

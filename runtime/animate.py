@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.cli import add_debug_flag, run_main
+from models.fileio import atomic_outputs, check_output_path
 from runtime.pipeline import CHECKPOINT_HELP, DEFAULT_CFG, DEFAULT_STEPS, SamplingConfig, animate, load_models
 from models.rgbd import KNOWN, MODES
 from runtime.windows import WindowSpec
@@ -29,6 +31,8 @@ SAMPLE_DRIVING = ROOT / "samples" / "driving.mp4"
 DEFAULT_OUT = Path("artifacts") / "animation.mp4"
 DEMO_STEPS = 2  # steps when running on random weights and --steps is not given (keeps the demo ~1 min)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STEP_RANGE = {"ddim": (1, 1000), "lcm": (1, 50), "tcd": (1, 50)}  # models/samplers.py
+VIDEO_EXTS = (".mp4", ".mov", ".mkv")  # runtime/video_io.py writes H.264
 SHORT_CAPTION = ["RANDOM WEIGHTS: no real", "picture; needs --checkpoint"]
 LONG_CAPTION = ["RANDOM WEIGHTS: not a real animation. Real pictures need",
                 "model_state-415001.th (HF fffiloni/X-Portrait) via --checkpoint"]
@@ -62,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s = p.add_argument_group("sampling")
     s.add_argument("--sampler", choices=tuple(DEFAULT_STEPS), default="ddim", help="default: ddim (official)")
     s.add_argument("--steps", type=int, default=None,
-                   help=f"default: {DEFAULT_STEPS} ({DEMO_STEPS} with random weights)")
+                   help=f"ddim 1-1000, lcm/tcd 1-50; default: {DEFAULT_STEPS} ({DEMO_STEPS} with random weights)")
     s.add_argument("--cfg", type=float, default=None, help=f"CFG scale, 1 = off; default: {DEFAULT_CFG}")
     s.add_argument("--gamma", type=float, default=0.3, help="TCD stochasticity, 0 = DDIM jumps (default: 0.3)")
     s.add_argument("--seed", type=int, default=0, help="noise, random offsets and random weights (default: 0)")
@@ -81,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--known", choices=KNOWN, default="renoise",
                    help="the given modality enters noised to each step's t (renoise, default) or clean at t=0")
     d.add_argument("--given", type=Path, default=None, help="video of the given modality, aligned with the output")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -138,12 +143,65 @@ def settings(args: argparse.Namespace) -> Settings:
                          f"{preset}, got {resolution}")
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
+    check_options(args)
     steps = args.steps if args.steps is not None else (DEMO_STEPS if args.checkpoint is None else None)
     window = WindowSpec(args.window, args.overlap, "random" if args.random_offsets else "fixed")
     sampling = SamplingConfig(sampler=args.sampler, steps=steps, cfg_scale=args.cfg, gamma=args.gamma,
                               init=args.init, shared_noise=args.shared_noise, step_noise=args.step_noise,
                               seed=args.seed, window=window).resolved()
     return Settings(preset, dtype, resolution, sampling)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Ranges of the sampling options, with their CLI flags, before anything is loaded."""
+    import math
+    lo, hi = STEP_RANGE[args.sampler]
+    if args.steps is not None and not lo <= args.steps <= hi:
+        raise ValueError(f"--steps {args.steps}: the {args.sampler} sampler takes {lo} to {hi} steps")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 1):
+        raise ValueError(f"--cfg {args.cfg}: the CFG scale must be >= 1 (1 = off)")
+    if not 0 <= args.gamma <= 1:
+        raise ValueError(f"--gamma {args.gamma}: TCD stochasticity must be in [0, 1]")
+    if args.window < 1:
+        raise ValueError(f"--window {args.window}: must be >= 1 (the motion modules were trained on 16)")
+    if not 0 <= args.overlap < args.window:
+        raise ValueError(f"--overlap {args.overlap}: must be in [0, {args.window - 1}] for --window {args.window}")
+    if not math.isfinite(args.lora_scale):
+        raise ValueError(f"--lora-scale {args.lora_scale}: must be a finite number")
+    if args.best_frame < -2:
+        raise ValueError(f"--best-frame {args.best_frame}: use a frame index, -1 (auto) or -2 (none)")
+
+
+def check_paths(args: argparse.Namespace, preset: str) -> list[Path]:
+    """Inputs exist, outputs can be written and are not inputs, and the checkpoint's keys and shapes fit
+    the preset (read from its header, checked on the meta device) before any work. Returns the outputs."""
+    inputs = {"--source": args.source, "--driving": args.driving, "--checkpoint": args.checkpoint,
+              "--sd15-base": args.sd15_base, "--lora": args.lora, "--taesd": args.taesd, "--given": args.given}
+    for flag, path in inputs.items():
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    if args.checkpoint is not None and args.checkpoint.suffix == ".json":
+        raise ValueError(f"--checkpoint {args.checkpoint} is a key manifest, not weights: pass the official "
+                         "model_state-*.th (or its .safetensors); check manifests with python -m models.weights check-keys")
+    outs = [args.out] + ([] if args.no_preview else [preview_path(args.out)])
+    if preset.endswith("-rgbd"):
+        outs.append(args.out.with_name(args.out.stem + "_depth.mp4"))  # write_depth's name
+    for out in outs:
+        check_output_path(out, VIDEO_EXTS, inputs=inputs.values(), flag="--out")
+    if args.checkpoint is not None:
+        from models.weights import check_keys, file_shapes
+        if preset.endswith("-rgbd"):  # an RGB file gets the conversion command, not a shape list
+            from models import rgbd
+            from models.config import XPortraitConfig
+            conv_in = {k: torch.empty(s, device="meta") for k, s in file_shapes(args.checkpoint).items()
+                       if k == rgbd.CONV_IN}
+            rgbd.check_layout(conv_in, XPortraitConfig.from_name(preset))
+        check_keys(args.checkpoint, preset, values=False)
+    return outs
+
+
+def preview_path(out: Path) -> Path:
+    return out.with_name(out.stem + "_preview.mp4")
 
 
 class Progress:
@@ -169,14 +227,14 @@ def write_outputs(out: Path, images: torch.Tensor, source: torch.Tensor, driving
     """OUT.mp4 (the frames) and OUT_preview.mp4 (source | driving | output); captions if asked."""
     from runtime.video_io import to_uint8_frames, write_video
     frames = to_uint8_frames(images)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    n = write_video(out, _caption(frames, SHORT_CAPTION) if caption else frames, fps)
-    if not preview:
-        return n, [out]
-    panels = np.concatenate([np.repeat(to_uint8_frames(source), n, axis=0), to_uint8_frames(driving), frames], axis=2)
-    path = out.with_name(out.stem + "_preview.mp4")
-    write_video(path, _caption(panels, LONG_CAPTION) if caption else panels, fps)
-    return n, [out, path]
+    paths = [out] + ([preview_path(out)] if preview else [])
+    with atomic_outputs(paths) as tmp:  # both complete, or neither replaces an earlier run's files
+        n = write_video(tmp[0], _caption(frames, SHORT_CAPTION) if caption else frames, fps)
+        if preview:
+            panels = np.concatenate([np.repeat(to_uint8_frames(source), n, axis=0), to_uint8_frames(driving),
+                                     frames], axis=2)
+            write_video(tmp[1], _caption(panels, LONG_CAPTION) if caption else panels, fps)
+    return n, paths
 
 
 def depth_inputs(args: argparse.Namespace, preset: str, driving: torch.Tensor) -> dict:
@@ -219,6 +277,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
     t0 = time.perf_counter()
     st = settings(args)
+    check_paths(args, st.preset)
     source, video = read_image(args.source), read_video(args.driving)
     frames = video.frames[:args.max_frames] if args.max_frames else video.frames
     log(f"driving: {args.driving} ({len(frames)} of {len(video.frames)} frames, {video.fps:g} fps); "
@@ -233,6 +292,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
                          device=args.device, dtype=st.dtype)
     for note in models.notes:
         log(("WARNING: " if models.random_weights else "") + note)
+    if args.checkpoint is not None:  # NaN/Inf weights (corrupt file, or fp16 overflow of the cast) -> black video
+        from models.finite import check_weights_finite
+        check_weights_finite(models.model.state_dict().items(), f"the weights loaded from --checkpoint "
+                             f"{args.checkpoint} as {str(st.dtype).removeprefix('torch.')}")
     c = st.sampling
     log(f"model: preset {st.preset}, {args.device} {str(st.dtype).removeprefix('torch.')}; sampler {c.sampler} "
         f"{c.steps} steps, CFG {c.cfg_scale:g}, init {c.init}, window {c.window.size}/overlap {c.window.overlap}")
@@ -244,6 +307,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
                          **depth_inputs(args, st.preset, prep.driving))
     finally:
         progress.close()
+    from models.finite import check_finite
+    check_finite(result.latents, "the sampled latents")  # before the frames: which stage broke
+    check_finite(result.images, "the decoded frames")
+    if result.depth is not None:
+        check_finite(result.depth, "the decoded depth")
     t_gen = time.perf_counter()
     n, paths = write_outputs(args.out, result.images, prep.source, prep.driving, video.fps,
                              not args.no_preview, models.random_weights)
@@ -257,16 +325,17 @@ def run(args: argparse.Namespace, log=print) -> dict:
     return {"frames": n, "fps": video.fps, "paths": paths, "seconds": t_end - t0, "config": c}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_grad_enabled(False)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:  # NoFaceError, CheckpointError are ValueErrors
-        msg = " ".join(str(e).split())
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    run(args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes (models/cli.py): 0 ok, 1 bad input (NoFaceError, CheckpointError, NonFiniteError, paths),
+    2 usage, 3 internal error, 130/143 interrupted (no output left half written)."""
+    return run_main(_main, argv, expected=(KeyError,))
 
 
 if __name__ == "__main__":

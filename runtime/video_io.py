@@ -12,6 +12,9 @@ and report the stream's average frame rate.
 
 `write_video` writes H.264 (libx264) yuv420p mp4, the format the reference script writes (§7.3).
 yuv420p needs even sizes, so odd widths/heights are padded by repeating the last column/row.
+Writers are atomic (models/fileio.py): a temp file in the destination folder, renamed on success,
+removed on failure or interruption. Unreadable inputs raise ValueError naming the file and the fix,
+never a raw FFmpeg error number.
 """
 
 from collections.abc import Iterable, Iterator
@@ -24,6 +27,9 @@ import cv2
 import numpy as np
 import torch
 
+from models.fileio import atomic_output
+
+VIDEO_EXTS = (".mp4", ".mov", ".mkv")  # containers that take H.264
 DEFAULT_FPS = 25.0  # for streams that declare no rate (e.g. a single still decoded as video)
 
 
@@ -57,9 +63,12 @@ def read_image(path: str | Path, background: int = 255) -> np.ndarray:
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 RGB image; the format follows the extension."""
-    if not cv2.imwrite(str(path), np.ascontiguousarray(image[:, :, ::-1])):
-        raise ValueError(f"could not write image '{path}' (unknown extension?)")
+    """Write an (H, W, 3) uint8 RGB image atomically; the format follows the extension."""
+    if not cv2.haveImageWriter(str(path)):
+        raise ValueError(f"cannot write image '{path}': unknown extension {Path(path).suffix!r}; use .png or .jpg")
+    with atomic_output(path) as tmp:
+        if not cv2.imwrite(str(tmp), np.ascontiguousarray(image[:, :, ::-1])):
+            raise OSError(f"could not write image '{path}' (OpenCV's imwrite failed: disk full or unwritable?)")
 
 
 def composite(rgba: np.ndarray, background: int = 255) -> np.ndarray:
@@ -69,11 +78,23 @@ def composite(rgba: np.ndarray, background: int = 255) -> np.ndarray:
     return (out + 0.5).astype(np.uint8)
 
 
+def _unreadable(path, e: Exception) -> ValueError:
+    why = getattr(e, "strerror", None) or str(e)
+    return ValueError(f"cannot read video '{path}': {why}. It is not a video FFmpeg can decode, or it is "
+                      "truncated or corrupt: re-encode it (e.g. ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4) "
+                      "or copy it again")
+
+
 def _open(path: str | Path):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"video not found: '{path}'")
-    container = av.open(str(path))
+        raise FileNotFoundError(f"video not found: '{path}'" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as e:
+        if isinstance(e, PermissionError):
+            raise PermissionError(f"cannot read video '{path}': permission denied") from None
+        raise _unreadable(path, e) from None
     if not container.streams.video:
         container.close()
         raise ValueError(f"'{path}' has no video stream")
@@ -97,8 +118,11 @@ def iter_video(path: str | Path, background: int = 255) -> Iterator[np.ndarray]:
     """Yield every frame of the first video stream as (H, W, 3) uint8 RGB."""
     container, stream = _open(path)
     with container:
-        for frame in container.decode(stream):
-            yield _to_rgb(frame, background)
+        try:
+            for frame in container.decode(stream):
+                yield _to_rgb(frame, background)
+        except av.error.FFmpegError as e:
+            raise _unreadable(path, e) from None
 
 
 def video_fps(path: str | Path) -> float:
@@ -113,7 +137,10 @@ def read_video(path: str | Path, background: int = 255) -> Video:
     container, stream = _open(path)
     with container:
         fps = _fps(stream)
-        frames = [_to_rgb(f, background) for f in container.decode(stream)]
+        try:
+            frames = [_to_rgb(f, background) for f in container.decode(stream)]
+        except av.error.FFmpegError as e:
+            raise _unreadable(path, e) from None
     if not frames:
         raise ValueError(f"'{path}' decoded to zero frames")
     return Video(np.stack(frames), fps)
@@ -123,8 +150,18 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, crf:
     """Write (H, W, 3) uint8 RGB frames as H.264 yuv420p mp4. Returns the number of frames.
 
     Odd sizes are padded to even by repeating the last row/column. `fps` may be fractional
-    (29.97 is stored as 30000/1001).
+    (29.97 is stored as 30000/1001). Atomic: nothing appears under `path` unless every frame was
+    written; an earlier file there stays until then.
     """
+    if Path(path).suffix.lower() not in VIDEO_EXTS:
+        raise ValueError(f"cannot write video '{path}': use one of {', '.join(VIDEO_EXTS)}")
+    if not (fps > 0 and np.isfinite(fps)):
+        raise ValueError(f"fps must be a positive number, got {fps}")
+    with atomic_output(path) as tmp:
+        return _write_video(tmp, frames, fps, crf, path)
+
+
+def _write_video(path: Path, frames: Iterable[np.ndarray], fps: float, crf: int, final: str | Path) -> int:
     rate = Fraction(fps).limit_denominator(1001)
     container = av.open(str(path), mode="w")
     n = 0
@@ -149,7 +186,7 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, crf:
             container.mux(stream.encode(vf))
             n += 1
         if stream is None:
-            raise ValueError(f"no frames to write to '{path}'")
+            raise ValueError(f"no frames to write to '{final}'")
         container.mux(stream.encode(None))  # flush delayed (B-)frames
     return n
 
