@@ -26,6 +26,7 @@ to torch.compile, capturable in CUDA graphs). TensorRT engines see it only throu
 benchmark import it from here.
 """
 
+import functools
 import os
 
 import torch
@@ -117,12 +118,14 @@ def _ref_attn_fwd(
                 if INTERP_BF16:
                     k1 = k1.to(tl.float32)
                 qk = tl.dot(q1, tl.trans(k1), qk, input_precision=PRECISION)
-            qk = tl.where(n_mask[None, :], qk * QK_SCALE, float("-inf"))
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
 
-            # Online softmax: every tile holds at least one valid key, so m_new is finite.
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # Online softmax: every tile holds at least one valid key, so m_new is finite. The scale is
+            # applied to the row max only and folded into one multiply-add per score (qk*s - m), not a
+            # separate multiply of the whole tile (scale > 0 commutes with the max).
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * QK_SCALE)
             alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf)
-            p = tl.exp2(qk - m_new[:, None])
+            p = tl.exp2(qk * QK_SCALE - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
 
@@ -167,10 +170,33 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _launch_config(n: int, d0: int, d1: int, fp32: bool = False) -> dict:
+def smem_estimate(cfg: dict, d_pad: int, elt: int = 2) -> int:
+    """Bytes of shared memory a config needs, by the model the configs below were sized with: the Q tile
+    plus num_stages buffered K and V tiles (BLOCK_N x d_pad each)."""
+    return cfg["BLOCK_M"] * d_pad * elt + 2 * cfg["num_stages"] * cfg["BLOCK_N"] * d_pad * elt
+
+
+LARGE_SMEM = 160 * 1024  # A100 (163 KB opt-in) and Hopper (227 KB) have this much per block; consumer GPUs 99 KB
+
+
+def _device_smem(device: torch.device | None) -> int | None:
+    """Opt-in shared memory per block of a CUDA device (None on the CPU or where torch does not say)."""
+    if device is None or device.type != "cuda":
+        return None
+    return _smem_of(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=16)
+def _smem_of(index: int) -> int | None:  # host-side property, read once per device (no sync per launch)
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+
+
+def _launch_config(n: int, d0: int, d1: int, fp32: bool = False, smem: int | None = None) -> dict:
     """Tiles and warps per head-dim class: large tiles that ptxas compiles without spills for sm_90 and
-    that fit in 99 KB of shared memory (fp16/bf16). Not yet tuned on a GPU (bench/kernels.py).
-    fp32 (IEEE dots, a validation path) uses small tiles and still spills a little at D=160."""
+    that fit in 99 KB of shared memory (fp16/bf16). Not yet tuned on a GPU (bench/kernels.py --sweep).
+    With `smem` >= LARGE_SMEM (A100, H100/H200), D=160 gets the 128x64 tile that 99 KB rules out
+    (120 KB by smem_estimate; a prediction, docs/bench.md). fp32 (IEEE dots, a validation path) uses
+    small tiles and still spills a little at D=160."""
     d_pad = d0 + d1
     if fp32:
         block_m, block_n, num_warps, num_stages = 32, 32, 4, 2
@@ -178,6 +204,8 @@ def _launch_config(n: int, d0: int, d1: int, fp32: bool = False) -> dict:
         block_m, block_n, num_warps, num_stages = 128, 64, 4, 3
     elif d_pad <= 128:
         block_m, block_n, num_warps, num_stages = 128, 64, 8, 3
+    elif smem is not None and smem >= LARGE_SMEM:  # D=160 where shared memory allows the larger tile
+        block_m, block_n, num_warps, num_stages = 128, 64, 8, 2
     else:  # D=160: BLOCK_N=64 would need 100 KB of shared memory, over the 99 KB of consumer GPUs
         block_m, block_n, num_warps, num_stages = 64, 32, 8, 2
     block_m = min(block_m, max(16, _next_pow2(n)))
@@ -222,9 +250,11 @@ def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(q, k, v, k_ref, v_ref, heads: int, scale: float, out: torch.Tensor) -> torch.Tensor:
+def _launch(q, k, v, k_ref, v_ref, heads: int, scale: float, out: torch.Tensor, config: dict | None = None
+            ) -> torch.Tensor:
     """Launch the kernel writing into `out` (B,N,C). Asynchronous: `out` is still being computed on
-    return, since nothing here synchronizes the stream."""
+    return, since nothing here synchronizes the stream. `config` (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) overrides the heuristic, for bench/kernels.py --sweep and tests."""
     _check_inputs(q, k, v, k_ref, v_ref, heads)
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"reference_attention kernel supports {KERNEL_DTYPES}, got {q.dtype}")
@@ -235,7 +265,7 @@ def _launch(q, k, v, k_ref, v_ref, heads: int, scale: float, out: torch.Tensor) 
         return out
     D = C // heads
     d0, d1 = split_head_dim(D)
-    cfg = _launch_config(N, d0, d1, fp32=q.dtype == torch.float32)
+    cfg = config or _launch_config(N, d0, d1, fp32=q.dtype == torch.float32, smem=_device_smem(q.device))
     ref_b = 0 if k_ref.shape[0] == 1 else 1  # batch stride 0 broadcasts one reference bank, no copy
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * heads)
     _runnable(_ref_attn_fwd)[grid](

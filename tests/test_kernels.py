@@ -508,3 +508,20 @@ def test_reference_attention_small_head_dims(channels):
     out = reference_attention(q, k, v, kr, vr, 8)
     want = reference(q.double(), k.double(), v.double(), kr.double(), vr.double(), 8)
     assert ((out.double() - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reference_attention_large_smem_config(request, dtype):
+    """The D=160 tile chosen where shared memory allows it (A100, H100/H200; bench/kernels.py --sweep times it)
+    fits that memory by the configs' own estimate, and the kernel run with it matches the reference
+    (several query and key tiles, ragged N and M)."""
+    d0, d1 = ra.split_head_dim(160)
+    small = ra._launch_config(4096, d0, d1)
+    large = ra._launch_config(4096, d0, d1, smem=227 * 1024)
+    assert ra.smem_estimate(small, d0 + d1) <= 99 * 1024 < ra.smem_estimate(large, d0 + d1) <= ra.LARGE_SMEM
+    assert large["BLOCK_M"] * large["BLOCK_N"] > small["BLOCK_M"] * small["BLOCK_N"]
+    q, k, v, k_ref, v_ref = _ra_inputs(_gen(request), dtype, 160, "per_frame_bank_multi_tile")
+    out = torch.full_like(q, float("nan"))
+    ra._launch(q, k, v, k_ref, v_ref, HEADS, 160**-0.5, out, config=large)
+    ref64 = ra.reference(*(t.double() for t in (q, k, v, k_ref, v_ref)), HEADS)
+    _check(out, ra.reference(q, k, v, k_ref, v_ref, HEADS), ref64, dtype, "reference_attention D=160 large tile")
