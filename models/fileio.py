@@ -52,8 +52,9 @@ def atomic_output(path: str | Path, suffix: str | None = None, fsync: bool = Tru
     """Yield a temp path next to `path`; rename it to `path` if the block succeeds, else delete it.
 
     suffix: the temp file's extension (default: `path`'s, so format-by-extension writers work).
-    The parent folder is created if needed. The temp file exists (empty, mode 0666 & ~umask) when
-    the block starts; writers may overwrite or replace it.
+    The parent folder is created if needed. The temp file exists (empty) when the block starts;
+    writers may overwrite or replace it. The result gets the usual mode (0666 & ~umask) whatever the
+    writer left (mkstemp and some writers make 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,10 +63,10 @@ def atomic_output(path: str | Path, suffix: str | None = None, fsync: bool = Tru
     os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         yield tmp
         if not tmp.is_file():
             raise FileNotFoundError(f"the writer left no file for {path} (expected {tmp})")
+        os.chmod(tmp, 0o666 & ~_umask())
         if fsync:
             _fsync(tmp)
         os.replace(tmp, path)

@@ -94,7 +94,11 @@ def test_atomic_output_keeps_the_earlier_file_on_failure_and_replaces_it_on_succ
     assert out.read_text() == "good" and _leftovers(tmp_path) == []
     with atomic_output(out) as tmp:
         tmp.write_text("new")
+        tmp.chmod(0o600)  # as mkstemp and some writers (safetensors) leave it
     assert out.read_text() == "new" and _leftovers(tmp_path) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual mode, not the temp file's 0600
 
 
 def test_atomic_outputs_replace_all_or_none(tmp_path):
