@@ -27,12 +27,18 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HEADS = 8
 # (spatial positions N = H*W, channels C) of SD1.5's attention levels; D = C / 8.
 LEVELS = [(4096, 320), (1024, 640), (256, 1280), (64, 1280)]
+RA_EXTRA = [(4096, 640)]                  # N = M = 4096 at D = 80: the second target shape of issue 9
+MOTION_EXTRA = [(4096, 640), (1024, 1280)]  # the up blocks' motion layers (2 each in SD1.5)
+GRAPH_BELOW_MS = 0.5  # eager medians under this also get CUDA-graph timing (launch overhead matters there)
 
 
 def _sdpa_backends():
     from torch.nn.attention import SDPBackend
 
-    return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
+    backends = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):  # usually the strongest on Hopper
+        backends["sdpa_cudnn"] = SDPBackend.CUDNN_ATTENTION
+    return backends
 
 
 def _time(fn, warmup_ms: int, rep_ms: int):
@@ -40,6 +46,42 @@ def _time(fn, warmup_ms: int, rep_ms: int):
     import triton.testing
 
     return tuple(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.1, 0.9]))
+
+
+def _time_graph(fn, reps: int = 25, inner: int = 10) -> float:
+    """Median ms per call of fn replayed from a CUDA graph (no launch gaps), L2 flushed before every call.
+
+    Graph A holds `inner` x (flush, fn), graph B `inner` x (flush) alone: (A - B) / inner. The flush writes
+    256 MB, several times the L2 of any current GPU, as triton.testing.do_bench does between calls."""
+    import statistics
+
+    flush = torch.empty(64 * 2**20, dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (allocator, compilation)
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
+    for g, with_fn in zip(graphs, (True, False)):
+        with torch.cuda.graph(g):
+            for _ in range(inner):
+                flush.zero_()
+                if with_fn:
+                    fn()
+
+    def median_ms(g) -> float:
+        ms = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            ms.append(start.elapsed_time(end))
+        return statistics.median(ms)
+
+    return max(median_ms(graphs[0]) - median_ms(graphs[1]), 0.0) / inner
 
 
 def _rel_err(out, ref) -> float:
@@ -53,7 +95,7 @@ def bench_reference_attention(dtype, batch: int, warmup_ms: int, rep_ms: int, de
     from kernels import reference_attention as ra
 
     rows = []
-    for n, c in LEVELS:
+    for n, c in LEVELS + RA_EXTRA:
         m, d = n, c // HEADS
         q, k, v = (torch.randn(batch, n, c, device=device, dtype=dtype) for _ in range(3))
         k_ref, v_ref = (torch.randn(1, m, c, device=device, dtype=dtype) for _ in range(2))
@@ -89,7 +131,7 @@ def bench_motion_attention(dtype, streams: int, warmup_ms: int, rep_ms: int, dev
 
     L, P, n_past_val, ws_val = 16, 24, 15, 7
     rows = []
-    for n, c in LEVELS:
+    for n, c in LEVELS + MOTION_EXTRA:
         r, d = streams * n, c // HEADS
         q, k_new, v_new = (torch.randn(r, c, device=device, dtype=dtype) for _ in range(3))
         k_cache, v_cache = (torch.randn(L, r, c, device=device, dtype=dtype) for _ in range(2))
@@ -124,13 +166,42 @@ def bench_motion_attention(dtype, streams: int, warmup_ms: int, rep_ms: int, dev
     return rows
 
 
+SWEEP = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+         (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3)]  # (BLOCK_M, BLOCK_N, warps, stages)
+
+
+def sweep_reference_attention(dtype, batch: int, warmup_ms: int, rep_ms: int, device="cuda") -> list[dict]:
+    """Time the fused kernel with each SWEEP config that fits the device's shared memory (smem_estimate), at
+    N = M = 4096, D = 40 and 80, and at the D = 160 level: which config should the heuristic pick?"""
+    from kernels import reference_attention as ra
+
+    limit = ra._device_smem(torch.device(device)) or 99 * 1024
+    rows = []
+    for n, c in [(4096, 320), (4096, 640), (256, 1280)]:
+        d = c // HEADS
+        d0, d1 = ra.split_head_dim(d)
+        q, k, v = (torch.randn(batch, n, c, device=device, dtype=dtype) for _ in range(3))
+        k_ref, v_ref = (torch.randn(1, n, c, device=device, dtype=dtype) for _ in range(2))
+        truth = ra.reference(*(t.float() for t in (q, k, v, k_ref, v_ref)), HEADS)
+        providers = {}
+        for bm, bn, w, st in SWEEP:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+            if ra.smem_estimate(cfg, d0 + d1, q.element_size()) <= limit:
+                providers[f"cfg{bm}x{bn}w{w}s{st}"] = (lambda cfg=cfg: ra._launch(
+                    q, k, v, k_ref, v_ref, HEADS, d**-0.5, torch.empty_like(q), config=cfg))
+        shape = f"B={batch} N={n} M={n} C={c} D={d} sweep"
+        rows += _measure("reference_attention", dtype, shape, providers, truth, ra.flops(batch, n, n, n, c),
+                         None, warmup_ms, rep_ms)
+    return rows
+
+
 def _measure(kernel, dtype, shape, providers, truth, flop, nbytes, warmup_ms, rep_ms) -> list[dict]:
     """Check every provider against the fp32 reference output, then time it."""
-    rows, triton_ms = [], None
+    rows, triton_ms, triton_graph = [], None, None
     for name, fn in providers.items():
         row = dict(kernel=kernel, dtype=str(dtype).removeprefix("torch."), shape=shape, provider=name,
                    ms_p50=None, ms_p10=None, ms_p90=None, tflops=None, gbps=None, triton_speedup=None,
-                   rel_err=None, skipped=None)
+                   rel_err=None, skipped=None, ms_graph=None, triton_speedup_graph=None)
         rows.append(row)
         try:
             row["rel_err"] = _rel_err(fn(), truth)
@@ -141,10 +212,17 @@ def _measure(kernel, dtype, shape, providers, truth, flop, nbytes, warmup_ms, re
         row.update(ms_p50=p50, ms_p10=p10, ms_p90=p90, tflops=flop / (p50 * 1e-3) / 1e12)
         if nbytes is not None:
             row["gbps"] = nbytes / (p50 * 1e-3) / 1e9
+        if truth.is_cuda and p50 < GRAPH_BELOW_MS:
+            try:
+                row["ms_graph"] = _time_graph(fn)
+            except RuntimeError as e:  # not capturable (e.g. a backend that syncs)
+                row["skipped"] = f"graph timing: {str(e).splitlines()[0][:60]}"
         if name == "triton":
-            triton_ms = p50
+            triton_ms, triton_graph = p50, row["ms_graph"]
         elif triton_ms is not None:
             row["triton_speedup"] = p50 / triton_ms  # > 1: the Triton kernel is faster
+            if triton_graph and row["ms_graph"]:
+                row["triton_speedup_graph"] = row["ms_graph"] / triton_graph
     return rows
 
 
@@ -155,13 +233,14 @@ def _fmt(x, spec):
 
 def print_table(rows: list[dict]) -> None:
     head = f"{'kernel':<20} {'dtype':<9} {'shape':<30} {'provider':<15} {'p50 ms':>8} {'p10':>8} {'p90':>8} " \
-           f"{'TFLOP/s':>8} {'GB/s':>7} {'triton x':>8} {'rel err':>8}"
+           f"{'TFLOP/s':>8} {'GB/s':>7} {'triton x':>8} {'graph ms':>8} {'graph x':>7} {'rel err':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['kernel']:<20} {r['dtype']:<9} {r['shape']:<30} {r['provider']:<15} "
               f"{_fmt(r['ms_p50'], '8.4f')} {_fmt(r['ms_p10'], '8.4f')} {_fmt(r['ms_p90'], '8.4f')} "
               f"{_fmt(r['tflops'], '8.2f')} {_fmt(r['gbps'], '7.0f')} {_fmt(r['triton_speedup'], '8.2f')} "
+              f"{_fmt(r.get('ms_graph'), '8.4f')} {_fmt(r.get('triton_speedup_graph'), '7.2f')} "
               f"{_fmt(r['rel_err'], '8.1e')}" + (f"  skipped: {r['skipped']}" if r["skipped"] else ""))
 
 
@@ -176,8 +255,11 @@ def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["reference", "motion"], help="benchmark one kernel only")
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES))
-    ap.add_argument("--batch", type=int, default=4, help="frames per reference-attention call")
-    ap.add_argument("--streams", type=int, default=4, help="streams per motion-attention call (rows = streams x H x W)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4],
+                    help="frames per reference-attention call (1 = the live case)")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4],
+                    help="streams per motion-attention call (rows = streams x H x W; 1 = the live case)")
+    ap.add_argument("--sweep", action="store_true", help="also time candidate launch configs of reference attention")
     ap.add_argument("--warmup-ms", type=int, default=25)
     ap.add_argument("--rep-ms", type=int, default=100)
     ap.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON")
@@ -199,9 +281,13 @@ def _main(argv=None) -> int:
     rows = []
     for name in args.dtypes:
         if args.only in (None, "reference"):
-            rows += bench_reference_attention(DTYPES[name], args.batch, args.warmup_ms, args.rep_ms)
+            for b in args.batch:
+                rows += bench_reference_attention(DTYPES[name], b, args.warmup_ms, args.rep_ms)
+            if args.sweep and name != "fp32":
+                rows += sweep_reference_attention(DTYPES[name], max(args.batch), args.warmup_ms, args.rep_ms)
         if args.only in (None, "motion"):
-            rows += bench_motion_attention(DTYPES[name], args.streams, args.warmup_ms, args.rep_ms)
+            for st in args.streams:
+                rows += bench_motion_attention(DTYPES[name], st, args.warmup_ms, args.rep_ms)
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                cuda=torch.version.cuda)
     print(f"# {env}")

@@ -487,6 +487,8 @@ def test_bench_baselines_agree(monkeypatch):
     import bench.kernels as bk
 
     monkeypatch.setattr(bk, "LEVELS", [(9, 80), (16, 160)])
+    monkeypatch.setattr(bk, "RA_EXTRA", [(12, 80)])
+    monkeypatch.setattr(bk, "MOTION_EXTRA", [])
     monkeypatch.setattr(bk, "HEADS", HEADS)
     monkeypatch.setattr(bk, "_time", lambda fn, warmup_ms, rep_ms: (1.0, 0.9, 1.1))
     rows = bk.bench_reference_attention(torch.float32, 2, 1, 1, device=DEVICE)
