@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=int, help="past frames the motion modules see, 0-15 (default 15)")
     s.add_argument("--stream-batch", action="store_true", help="batch the steps of successive frames "
                    "(more FPS, steps-1 frames more delay)")
+    s.add_argument("--ring-dtype", choices=("fp8",), help="store the temporal K/V rings in fp8 (half the memory)")
     s.add_argument("--decoder", choices=DECODERS)
     s.add_argument("--encoder", choices=ENCODERS)
     s.add_argument("--seed", type=int)
@@ -76,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    from runtime.web.config import add_arguments
+    add_arguments(p)
     return p
 
 
@@ -83,7 +86,7 @@ def config_from_args(a: argparse.Namespace) -> LiveConfig:
     over = {k: v for k, v in (("preset", a.preset), ("backend", a.backend), ("device", a.device),
                               ("dtype", a.dtype), ("resolution", a.resolution), ("sampler", a.sampler),
                               ("steps", a.steps), ("window", a.window), ("decoder", a.decoder),
-                              ("encoder", a.encoder), ("seed", a.seed)) if v is not None}
+                              ("encoder", a.encoder), ("seed", a.seed), ("ring_dtype", a.ring_dtype)) if v is not None}
     if a.stream_batch:
         over["stream_batch"] = True
     return LiveConfig.from_name(a.live_preset, **over).validated()
@@ -152,7 +155,7 @@ def run(a: argparse.Namespace) -> int:
     cfg = config_from_args(a)
     validate_io(a)
     if a.serve:
-        from runtime.serve_web import serve
+        from runtime.web.server import serve
         return serve(a, cfg)
     from runtime.landmarks import default_landmarker
     from runtime.live.capture import CameraSource, FileSource, open_source
@@ -237,7 +240,7 @@ def _present(a, cfg, live, pipe, sinks, log, sources) -> int:
         pipe.join()
         for s in sinks:
             s.close() if ok else getattr(s, "abort", s.close)()
-        log.close()
+        log.close() if ok else log.abort()
     if n == 0:
         raise RuntimeError(f"no frame was animated ({pipe.counters.frames_in} driving frames read, "
                            f"{pipe.counters.no_face} without a face): {pipe.status}")

@@ -193,3 +193,18 @@ def test_torch_and_onnxruntime_stream_the_same_frames(exported):
 def test_onnx_window_must_match_export(exported):
     with pytest.raises(ValueError, match="--window"):
         load_live(LiveConfig.from_name("tiny", window=7, backend="ort"), engines=exported).new_session()
+
+
+def test_fp8_ring_halves_memory_and_stays_close(live):
+    live8 = load_live(LiveConfig.from_name("tiny", steps=2, window=3, ring_dtype="fp8"))
+    size = live.cfg.image_size()
+    frames = _frames(3, size)
+    runs = []
+    for lv in (live, live8):
+        s = lv.new_session()
+        s.set_source(_source(size))
+        runs.append((_run(s, frames), s.memory()["rings"]))
+    (a, ring32), (b, ring8) = runs
+    assert ring8 * 4 == ring32  # fp32 -> fp8 storage
+    diff = max(np.abs(x.astype(int) - y.astype(int)).mean() for (_, x), (_, y) in zip(a, b))
+    assert 0 < diff < 8, diff  # rounded K/V: close to, but not the same as, the fp32 ring

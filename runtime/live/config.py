@@ -28,6 +28,8 @@ class LiveConfig:
     encoder: str = "vae"            # per-source encoder (runs once per source): vae or taesd
     backend: str = "torch"          # torch (eager), torch-kernels (Triton kernels + CUDA graphs), ort, trt
     dtype: str = "fp32"             # model dtype for torch backends: fp32, fp16, bf16
+    ring_dtype: str | None = None   # temporal K/V ring storage: None = the graph's dtype, or fp8 (torch backends:
+                                    # half the ring memory of fp16; values rounded to e4m3 when stored)
     device: str = "cpu"
     init: str = "official"          # x_T: official (source latent noised to t=999) or noise
     seed: int = 0                   # random weights, x_T noise and the per-step noise
@@ -61,6 +63,11 @@ class LiveConfig:
                                      ("--decoder", self.decoder, DECODERS), ("--encoder", self.encoder, ENCODERS)):
             if value not in allowed:
                 raise ValueError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+        if self.ring_dtype not in (None, "fp8"):
+            raise ValueError(f"--ring-dtype {self.ring_dtype!r}: leave it unset (the graph's dtype) or use fp8")
+        if self.ring_dtype == "fp8" and not self.backend.startswith("torch"):
+            raise ValueError("--ring-dtype fp8 needs --backend torch or torch-kernels (exported graphs keep their "
+                             "ring dtype)")
         size = self.image_size()
         if size % 64:
             raise ValueError(f"--resolution {size}: must be a multiple of 64 (the UNet halves the 1/8 latent "
@@ -71,9 +78,6 @@ class LiveConfig:
             raise ValueError(f"--device {self.device}: no CUDA GPU is visible; use --device cpu")
         if self.backend == "trt" and not self.device.startswith("cuda"):
             raise ValueError("--backend trt needs --device cuda (TensorRT runs on NVIDIA GPUs only)")
-        if self.dtype != "fp32" and self.device == "cpu" and self.backend.startswith("torch"):
-            raise ValueError(f"--dtype {self.dtype} on the CPU is slow and poorly supported; use --dtype fp32 on "
-                             "the CPU, fp16/bf16 on a GPU")
         return self
 
     def to_dict(self) -> dict:

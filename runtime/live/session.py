@@ -94,7 +94,9 @@ class LiveSession:
         if self.cfg.window == 0:
             self.k_ring = self.v_ring = []
             return
-        self.k_ring = [torch.zeros(self.slots, S * hw, c, dtype=dtypes[f"k_cache_{i:02d}"], device=dev)
+        fp8 = self.cfg.ring_dtype == "fp8"
+        self.k_ring = [torch.zeros(self.slots, S * hw, c, device=dev,
+                                   dtype=torch.float8_e4m3fn if fp8 else dtypes[f"k_cache_{i:02d}"])
                        for i, (hw, c) in enumerate(layout)]
         self.v_ring = [torch.zeros_like(k) for k in self.k_ring]
 
