@@ -160,6 +160,46 @@ def test_animate_random_offsets_reach_the_windows(tiny_inputs, monkeypatch, one_
         assert got == [[w.tolist() for w in plan(n, 2, 1, o)] for o in offs], mode
 
 
+def test_animate_honours_step_and_shared_noise(tiny_inputs, monkeypatch, one_thread):
+    """--step-noise fixed re-noises with one tensor at every step (fresh: a new draw per step);
+    --shared-noise gives every frame the same x_T and step noise."""
+    from runtime import pipeline
+    model, ctx, source, pose, local = tiny_inputs
+    seen = {}
+
+    def fake_run(sampler, x, eps_fn, on_step=None, noise_fn=None):  # record the noises, skip the model
+        seen[key] = (x.clone(), [noise_fn(i) for i in range(len(sampler))])
+        return x
+    monkeypatch.setattr(pipeline, "run_sampler", fake_run)
+    _no_decode(monkeypatch)
+    for key in (("fixed", False), ("fresh", True)):
+        cfg = pipeline.SamplingConfig("lcm", steps=3, init="noise", step_noise=key[0], shared_noise=key[1])
+        pipeline.animate(model, ctx, source, pose, local, cfg)
+    x_T, (n0, n1, n2) = seen[("fixed", False)]
+    assert torch.equal(n0, n1) and n2 is None and not torch.equal(x_T[0], x_T[1]) and not torch.equal(n0[0], n0[1])
+    x_T, (n0, n1, n2) = seen[("fresh", True)]
+    assert not torch.equal(n0, n1) and n2 is None
+    assert torch.equal(x_T[0], x_T[1]) and torch.equal(n0[0], n0[1]) and torch.equal(n1[0], n1[1])
+
+
+def test_denoiser_gives_each_window_its_frames_hints(tiny_inputs, monkeypatch, one_thread):
+    """A window of frames idx gets the hint features of exactly those frames, in window order."""
+    from runtime.pipeline import Denoiser
+    model, ctx, source, _, _ = tiny_inputs
+    g = torch.Generator().manual_seed(8)
+    pose, local = (torch.rand(4, 3, 128, 128, generator=g) * 2 - 1 for _ in range(2))
+    den = Denoiser(model, torch.zeros(1, 4, 16, 16), ctx, pose, local, cfg_scale=1.0)
+    seen = {}
+    monkeypatch.setattr(den, "reference_kv", lambda t: [])
+    monkeypatch.setattr(model, "eps_from_cache", lambda x, t, c, kv, pf, lf, **k: seen.update(pf=pf, lf=lf) or 0 * x)
+    idx = torch.tensor([3, 1])
+    den(torch.zeros(2, 4, 16, 16), 501, idx)
+    with torch.no_grad():
+        want = model.hint_features(pose[idx], local[idx])
+    assert torch.allclose(seen["pf"], want[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(seen["lf"], want[1], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def short_clip(tmp_path_factory):
