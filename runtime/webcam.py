@@ -5,10 +5,13 @@
     python -m runtime.webcam --input samples/driving.mp4 --output out.mp4 --headless
     python -m runtime.webcam --live-preset sd15 --checkpoint model_state-415001.th --taesd taesd/ \
         --lora lcm-lora-sdv1-5.safetensors --source me.png --camera 0             # the product, on a GPU
+    python -m runtime.webcam --depth --relight                  # joint RGB + depth model: RGB | depth, relit
 
 Without --checkpoint the model has seeded random weights: the output is noise, and the console and
-the HUD say so. Keys in the window: s = next source, r = reset the temporal cache, h = HUD, q = quit.
-The design is in runtime/live/ (one module per stage) and README "Live runtime".
+the HUD say so. Keys in the window: s = next source, r = reset the temporal cache, h = HUD, q = quit;
+with --relight, the arrow keys (or j/l/i/k) move the light. --depth runs the rgbd variant of the model
+preset (NAME-rgbd; docs/rgbd.md): an RGB checkpoint must be converted once with python -m models.rgbd
+convert. The design is in runtime/live/ (one module per stage) and README "Live runtime".
 """
 from __future__ import annotations
 
@@ -55,6 +58,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--taesd", type=Path, help="TAESD weights: folder with taesd_encoder/decoder.pth, or a file")
     m.add_argument("--lora", type=Path, help="LoRA to fuse, e.g. LCM-LoRA (pytorch_lora_weights.safetensors)")
     m.add_argument("--engines", type=Path, metavar="DIR", help="export folder for --backend ort/trt")
+    m.add_argument("--depth", action="store_true", help="the joint RGB + depth (rgbd) variant of the preset: "
+                   "shows and writes RGB | depth (near = white) side by side")
+    m.add_argument("--relight", action="store_true", help="relight the RGB from the generated depth; move the "
+                   "light with the arrow keys or j/l/i/k (needs --depth)")
     s = p.add_argument_group("sampling and speed")
     s.add_argument("--backend", choices=BACKENDS)
     s.add_argument("--device")
@@ -89,6 +96,11 @@ def config_from_args(a: argparse.Namespace) -> LiveConfig:
                               ("encoder", a.encoder), ("seed", a.seed), ("ring_dtype", a.ring_dtype)) if v is not None}
     if a.stream_batch:
         over["stream_batch"] = True
+    if getattr(a, "relight", False) and not getattr(a, "depth", False):
+        raise ValueError("--relight needs --depth (the light is shaded from the generated depth)")
+    if getattr(a, "depth", False):  # the rgbd variant of the chosen model preset
+        base = over.get("preset") or LIVE_PRESETS[a.live_preset].preset
+        over["preset"] = base if base.endswith("-rgbd") else f"{base}-rgbd"
     return LiveConfig.from_name(a.live_preset, **over).validated()
 
 
@@ -154,6 +166,8 @@ def hud_lines(res, stats, status: str, random_weights: bool, cfg: LiveConfig) ->
 def run(a: argparse.Namespace) -> int:
     cfg = config_from_args(a)
     validate_io(a)
+    if a.serve and a.depth:
+        raise ValueError("--depth runs in the window and with --output; the browser page (--serve) shows RGB only")
     if a.serve:
         from runtime.web.server import serve
         return serve(a, cfg)
@@ -189,8 +203,13 @@ def run(a: argparse.Namespace) -> int:
           f"{session.memory()['total'] / 2**20:.1f} MiB", file=sys.stderr)
     sinks = _open_sinks(a, source)
     log = LatencyLog(a.log_json)
-    pipe = Pipeline(session, source, tracker, every_frame=a.every_frame).start()
-    return _present(a, cfg, live, pipe, sinks, log, sources)
+    view = light = None
+    if a.depth:
+        from runtime.live.depth import DepthView, LightKeys
+        light = LightKeys() if a.relight else None
+        view = DepthView(session.device, relight_on=a.relight, light=light.direction() if light else None)
+    pipe = Pipeline(session, source, tracker, every_frame=a.every_frame, view=view).start()
+    return _present(a, cfg, live, pipe, sinks, log, sources, light)
 
 
 def _open_sinks(a, source) -> list:
@@ -206,69 +225,87 @@ def _open_sinks(a, source) -> list:
     return sinks
 
 
-def _present(a, cfg, live, pipe, sinks, log, sources) -> int:
-    from runtime.live.present import OutputFrame
-    from collections import deque
-    show_hud, which, n = not a.no_hud, 0, 0
-    recent: deque = deque(maxlen=30)
-    ok = False
+def _until_interrupted(results):
+    """Ctrl-C / SIGTERM end a live run like the q key: the recording so far is finished, not thrown away."""
     try:
-        for res in pipe.results():
-            if res is None:
-                continue
-            now = time.perf_counter()
-            n += 1
-            dropped = pipe.hints.dropped + pipe.out.dropped + getattr(pipe.source, "dropped", 0)
-            log.record(res.tag.index, res.tag.t_capture, now, res.stages, dropped, res.tag.face)
-            recent.append(now)
-            fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
-            stats = {"fps": fps, "latency_ms": (now - res.tag.t_capture) * 1e3, "dropped": dropped}
-            lines = hud_lines(res, stats, pipe.status, live.random_weights, cfg) if show_hud else None
-            frame = OutputFrame(res.image, res.tag.t_capture, res.tag.index, res.tag.driving, res.tag.face)
-            actions = [act for s in sinks for act in (s.write(frame, lines) or [])]
-            if "quit" in actions or (a.frames is not None and n >= a.frames):
-                break
-            if "toggle_hud" in actions:
-                show_hud = not show_hud
-            if "reset" in actions:
-                pipe.reset()
-            if "swap_source" in actions and len(sources) > 1:
-                which = (which + 1) % len(sources)
-                pipe.swap_source(sources[which][1], sources[which][2])
-        ok = n > 0
+        yield from results
+    except KeyboardInterrupt:
+        print("interrupted: finishing the output", file=sys.stderr)
+
+
+def _present(a, cfg, live, pipe, sinks, log, sources, light=None) -> int:
+    """Show/write results until the input ends, q, --frames, or Ctrl-C/SIGTERM (which, like q, finish the
+    outputs so far: a live recording is kept, complete and playable). Returns the exit code."""
+    interrupted = 0
+    try:
+        _loop(a, cfg, live, pipe, sinks, log, sources, light)
+    except KeyboardInterrupt as e:  # models.cli turns SIGTERM into this too (Interrupted, with .signum)
+        interrupted = 128 + int(getattr(e, "signum", 2))
+        print("interrupted: finishing the outputs", file=sys.stderr)
     finally:
+        ok = log.frames > 0
         pipe.join()
         for s in sinks:
             s.close() if ok else getattr(s, "abort", s.close)()
         log.close() if ok else log.abort()
-    if n == 0:
+    if log.frames == 0 and not interrupted:
         raise RuntimeError(f"no frame was animated ({pipe.counters.frames_in} driving frames read, "
                            f"{pipe.counters.no_face} without a face): {pipe.status}")
-    print(log.format_summary(), file=sys.stderr)
-    return 0
+    if log.frames:
+        print(log.format_summary(), file=sys.stderr)
+    return interrupted
+
+
+def _loop(a, cfg, live, pipe, sinks, log, sources, light=None) -> int:
+    from collections import deque
+
+    from runtime.live.present import OutputFrame
+    show_hud, which, n = not a.no_hud, 0, 0
+    recent: deque = deque(maxlen=30)
+    for res in pipe.results():
+        if res is None:
+            continue
+        now = time.perf_counter()
+        n += 1
+        dropped = pipe.hints.dropped + pipe.out.dropped + getattr(pipe.source, "dropped", 0)
+        log.record(res.tag.index, res.tag.t_capture, now, res.stages, dropped, res.tag.face)
+        recent.append(now)
+        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        stats = {"fps": fps, "latency_ms": (now - res.tag.t_capture) * 1e3, "dropped": dropped}
+        lines = hud_lines(res, stats, pipe.status, live.random_weights, cfg) if show_hud else None
+        if lines is not None and light is not None:
+            lines.append(light.describe())
+        frame = OutputFrame(res.image, res.tag.t_capture, res.tag.index, res.tag.driving, res.tag.face)
+        actions = [act for s in sinks for act in (s.write(frame, lines) or [])]
+        if "quit" in actions or (a.frames is not None and n >= a.frames):
+            break
+        if "toggle_hud" in actions:
+            show_hud = not show_hud
+        if "reset" in actions:
+            pipe.reset()
+        if light is not None and light.apply(actions):
+            pipe.set_light(light.direction())
+        if "swap_source" in actions and len(sources) > 1:
+            which = (which + 1) % len(sources)
+            pipe.swap_source(sources[which][1], sources[which][2])
+    return n
+
+
+def _main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.debug else logging.WARNING, format="%(message)s")
+    import torch
+    try:
+        return run(a)
+    except torch.cuda.OutOfMemoryError as e:
+        raise RuntimeError("the GPU ran out of memory: try --steps 1, a smaller --window, --ring-dtype fp8, "
+                           "--dtype fp16, --resolution 384, or close other GPU programs") from e
 
 
 def main(argv=None) -> int:
-    a = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.debug else logging.WARNING, format="%(message)s")
-    try:
-        return run(a)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line for the user; --debug shows the traceback
-        if a.debug:
-            raise
-        print(f"error: {_describe(e)}", file=sys.stderr)
-        return 1
-
-
-def _describe(e: Exception) -> str:
-    import torch
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return ("the GPU ran out of memory: try --steps 1, a smaller --window, --dtype fp16, --resolution 384, "
-                "or close other GPU programs")
-    return str(e) or type(e).__name__
+    """One-line errors and exit codes of models/cli.py; Ctrl-C/SIGTERM stop the run and finish the output."""
+    from models.cli import run_main
+    return run_main(_main, argv, expected=(RuntimeError, KeyError))
 
 
 if __name__ == "__main__":

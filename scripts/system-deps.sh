@@ -3,7 +3,7 @@
 # test, a C++ toolchain for the host. Installs only what is missing; needs root (CI runs as root).
 # Nothing here downloads a browser build or a model: these are Debian's own packages.
 set -euo pipefail
-pkgs=(xvfb x11-apps imagemagick chromium cmake ninja-build g++ dpkg-dev)
+pkgs=(xvfb x11-apps xdotool chromium cmake ninja-build g++ dpkg-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

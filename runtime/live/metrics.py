@@ -105,6 +105,7 @@ class LatencyLog:
                 "index": index, "t_capture": t_capture, "t_present": t_present,
                 "latency_ms": round(latency, 3), "stages": {k: round(v, 3) for k, v in stages.items()},
                 "dropped": dropped, "face": bool(face)}) + "\n")
+            self._file.flush()  # a line per frame on disk (the temp file), so a crash keeps the record so far
 
     def summary(self) -> dict:
         lat = self._latency
