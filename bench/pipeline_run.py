@@ -86,11 +86,11 @@ def make_tracking(size: int):
     rgb = read_rgb(SAMPLE_SOURCE)
     try:
         landmarker = default_landmarker()
-    except ImportError as e:
+        image, lm = prepare_source(rgb, size, landmarker)
+    except (ImportError, ValueError, RuntimeError, cv2.error) as e:  # no landmarker here, or it failed
         image = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
-        why = str(e).splitlines()[0]
+        why = (str(e).splitlines() or [type(e).__name__])[0]
         return image, lambda: ResizeTracker(size), f"resize only, face tracking NOT measured ({why})"
-    image, lm = prepare_source(rgb, size, landmarker)
     return image, lambda: FaceTracker(size, lm, landmarker=landmarker), type(landmarker).__name__
 
 

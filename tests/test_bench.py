@@ -209,3 +209,16 @@ def test_latency_runs_as_a_file():
     out = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and out[0] == "exit 2" and "unknown config key 'stpes'" in proc.stderr, proc.stderr
     assert out[1].endswith("kernels/__init__.py"), out
+
+
+def test_meta_device_flops_equal_the_measured_run(bench_run):
+    """bench.flops on the meta device (no weights: how sd15 is counted on a CPU machine) counts what the
+    real tiny run counted, stage by stage."""
+    from runtime.live.config import LiveConfig
+    from bench.flops import meta_live, session_flops
+    out, _, _ = bench_run
+    seq = json.loads((out / "latency.json").read_text())["configs"][0]
+    cfg = LiveConfig(preset="tiny", steps=1, window=2, device="meta")
+    src = torch.zeros(128, 128, 3, dtype=torch.uint8)
+    f = session_flops(meta_live(cfg), src, src.to("meta"), src.to("meta"))
+    assert f["per_frame"] == seq["flops"]["per_frame"] and f["per_source"] == seq["flops"]["per_source"]
