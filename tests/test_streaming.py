@@ -127,10 +127,10 @@ def stream(unet, x, t, ctx, L, ref_kv=None, control=None, ring=None):
     eps per frame. `ring`: (k, v, write_slot, n_past) to continue, else a fresh NaN-filled one."""
     s = StreamingUNet(unet)
     if ring is None:
-        kc, vc = alloc_ring(unet, L, 1, *HW)
+        kc, vc = alloc_ring(unet, L, 1, *HW, device=x.device)
         for c in (*kc, *vc):
             c.fill_(float("nan"))  # whatever the ring holds before it is written must not matter
-        ring = (kc, vc, counters(0), counters(0))
+        ring = (kc, vc, counters(0).to(x.device), counters(0).to(x.device))
     kc, vc, ws, n_past = ring
     eps = []
     for i in range(x.shape[0]):
@@ -365,14 +365,30 @@ def test_stream_through_motion_kernel(unet):
     """use_kernels=True routes all 40 motion attentions through kernels/motion_attention.py (Triton;
     CPU interpreter here): same frames as the PyTorch op, ring wrapped, NaN-filled unwritten slots."""
     pytest.importorskip("triton", reason="Triton is a test extra: pip install -e .[test]")
-    x, t, ctx, _ = inputs(4, seed=2)
-    want = stream(unet, x, t, ctx, L=3)
-    _use_kernels(unet, True)
-    try:
-        got = stream(unet, x, t, ctx, L=3)
-    finally:
-        _use_kernels(unet, False)
+    import copy
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernel on a GPU, interpreter on the CPU
+    unet = copy.deepcopy(unet).to(dev)
+    x, t, ctx, _ = (v.to(dev) if isinstance(v, torch.Tensor) else v for v in inputs(4, seed=2))
+    with _no_tf32():
+        want = stream(unet, x, t, ctx, L=3)
+        _use_kernels(unet, True)
+        try:
+            got = stream(unet, x, t, ctx, L=3)
+        finally:
+            _use_kernels(unet, False)
+    assert got.device.type == dev
     assert rel(got, want) < 1e-5
+
+
+class _no_tf32:
+    """fp32 matmuls stay fp32 on a GPU (TF32 would dominate the 1e-5 comparison)."""
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.old
 
 
 # ----------------------------------------------------------------------------------- fp8 ring
@@ -385,6 +401,8 @@ def test_fp8_ring_is_a_rounded_fp32_ring(unet, kernels):
     rounding moves eps on random weights (not a quality claim)."""
     if kernels:
         pytest.importorskip("triton", reason="Triton is a test extra: pip install -e .[test]")
+        if torch.cuda.is_available():
+            pytest.skip("CPU tensors: on a GPU, test_stream_through_motion_kernel runs the compiled kernel")
     L, N = 3, 2 if kernels else 4
     x, t, ctx, _ = inputs(N, seed=9)
     s = StreamingUNet(unet)
