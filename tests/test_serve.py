@@ -463,9 +463,32 @@ def test_load_test_two_sessions_one_replica_killed(tmp_path):
     require("ray")
     from runtime.serve import loadtest
     a = loadtest.parser().parse_args(["--sessions", "2", "--seconds", "25", "--kill-at", "10", "--replicas", "2",
-                                      "--num-cpus", "3", "--json", str(tmp_path / "load.json")])
+                                      "--idle-seconds", "0", "--num-cpus", "3", "--json", str(tmp_path / "load.json")])
+    seen = {}
+
+    def http_checks(url):  # the same page and checks as runtime/web, through Serve's proxy
+        import urllib.error
+        import urllib.request
+
+        import aiohttp
+        with urllib.request.urlopen(url, timeout=30) as r:
+            seen["page"] = (r.status, r.headers.get("Content-Security-Policy", ""), r.read())
+        try:
+            urllib.request.urlopen(url + "static/..%2fconfig.py", timeout=30)
+        except urllib.error.HTTPError as e:
+            seen["traversal"] = e.code
+
+        async def foreign_origin():
+            async with aiohttp.ClientSession() as http:
+                try:
+                    async with http.ws_connect(url.replace("http", "ws") + "ws", origin="https://evil.example"):
+                        return "connected"
+                except aiohttp.WSServerHandshakeError as e:
+                    return e.status
+        seen["origin"] = asyncio.run(foreign_origin())
+
     t0 = time.perf_counter()
-    report = loadtest.run(a)
+    report = loadtest.run(a, check=http_checks)
     wall = time.perf_counter() - t0
     print(loadtest.table(report), f"\nwall {wall:.0f} s, app start-up {report['startup_s']} s")
     assert loadtest.failures(report) == []
@@ -474,3 +497,6 @@ def test_load_test_two_sessions_one_replica_killed(tmp_path):
     hit = [s for s in p["kill"]["sessions"] if s["on_killed_replica"]]
     assert hit and all(s["moved_to"] and s["gap_s"] is not None and s["frames_after"] > 0 for s in hit)
     assert all(c["fps"] > 0 and c["p50_ms"] is not None for c in p["clients"])
+    status, csp, body = seen["page"]
+    assert status == 200 and "default-src 'self'" in csp and b"app.js" in body
+    assert seen["traversal"] == 404 and seen["origin"] == 403

@@ -13,6 +13,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.live.config import LiveConfig
+    from runtime.web.config import WebConfig
 
 MODEL_KEYS = ("checkpoint", "taesd", "lora", "engines", "source")
 SECTIONS = ("serve", "live", "web", "model")
@@ -126,7 +131,7 @@ def check_spec(data, where: str = "the deployment spec") -> dict:
     return out
 
 
-def resolve(spec: dict) -> tuple[ServeConfig, "LiveConfig", "WebConfig", dict]:
+def resolve(spec: dict) -> tuple[ServeConfig, LiveConfig, WebConfig, dict]:
     """The dataclasses of a deployment dict, validated. LiveConfig is not device-checked here: the
     replicas check it where the GPU is (the driver may have none)."""
     from runtime.live.config import LiveConfig

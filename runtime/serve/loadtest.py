@@ -45,9 +45,42 @@ def kill_replica(unique_id: str) -> str:
     raise LookupError(f"no LiveReplica actor with replica id {unique_id!r}")
 
 
+ROLES = {"proxy": "ray::ProxyActor", "ingress": "Ingress", "replicas": "LiveReplica"}
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this machine's Serve processes, by role, read from
+    /proc (Ray titles its workers "ray::<actor>"). Only meaningful for a Ray on this machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(ROLES, 0.0)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if not title.startswith("ray::"):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        for role, needle in ROLES.items():
+            if needle in title:
+                out[role] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def idle_cpu_rate(seconds: float) -> dict[str, float]:
+    """CPU seconds per second that the proxy + ingress use with no session (Serve's background work)."""
+    c0 = cpu_by_role()
+    time.sleep(seconds)
+    c1 = cpu_by_role()
+    return {"relay": (c1["proxy"] + c1["ingress"] - c0["proxy"] - c0["ingress"]) / seconds,
+            "replicas": (c1["replicas"] - c0["replicas"]) / seconds}
+
+
 async def phase(url: str, frames: list[bytes], n: int, seconds: float, marker0: int,
-                kill_at: float | None = None) -> dict:
+                kill_at: float | None = None, idle_rate: dict | None = None) -> dict:
     """N concurrent sessions for `seconds`; with kill_at, kill the busiest replica then."""
+    cpu0, t0 = cpu_by_role(), time.monotonic()
     results = [ClientResult(marker0 + i) for i in range(n)]
     plays = [asyncio.create_task(play(url, frames, seconds, r.marker, result=r)) for r in results]
     kill = None
@@ -63,7 +96,14 @@ async def phase(url: str, frames: list[bytes], n: int, seconds: float, marker0: 
             name = await asyncio.get_running_loop().run_in_executor(None, kill_replica, victim)
             kill = {"replica": victim, "actor": name, "t": t_kill, "sessions_on_it": held[victim]}
     await asyncio.gather(*plays)
-    out = {"n": n, "seconds": seconds, **latency_stats(results), "sent": sum(r.sent for r in results),
+    cpu1, wall = cpu_by_role(), time.monotonic() - t0
+    messages = sum(r.sent + r.received for r in results)
+    cpu = {role: round(cpu1[role] - cpu0[role], 2) for role in ROLES}
+    # transport CPU per message relayed (a camera frame in or an animated frame out): proxy + ingress,
+    # less what they burn idle (Serve's own polling) over the same time
+    busy = cpu["proxy"] + cpu["ingress"] - wall * (idle_rate or {}).get("relay", 0.0)
+    cpu["relay_ms_per_message"] = round(max(0.0, busy) * 1e3 / messages, 2) if messages else None
+    out = {"n": n, "wall_s": round(wall, 1), "cpu_s": cpu, "messages": messages, "seconds": seconds, **latency_stats(results), "sent": sum(r.sent for r in results),
            "animated": sum(r.received for r in results), "stray": sum(r.stray for r in results),
            "dropped_sessions": sum(1 for r in results if r.session is None or r.closed),
            "replicas_used": sorted({r.replicas[0] for r in results if r.replicas}),
@@ -96,8 +136,9 @@ def spec_for(a: argparse.Namespace) -> dict:
             "web": {"max_sessions": a.sessions_per_replica, "idle_timeout": 30.0}}
 
 
-def run(a: argparse.Namespace) -> dict:
-    """The whole load test; returns the report (also written to --json)."""
+def run(a: argparse.Namespace, check=None) -> dict:
+    """The whole load test; returns the report (also written to --json). `check(url)` runs while
+    the app is still up, after the phases (tests use it for HTTP checks)."""
     from runtime.serve.app import start, stop
     from runtime.serve.config import resolve
     spec = spec_for(a)
@@ -109,14 +150,18 @@ def run(a: argparse.Namespace) -> dict:
               round(time.perf_counter() - t0, 1), "phases": []}
     print(f"app up in {report['startup_s']} s at {url}", file=sys.stderr, flush=True)
     try:
+        idle = idle_cpu_rate(a.idle_seconds) if a.idle_seconds > 0 else None
+        report["idle_cpu_per_s"] = {k: round(v, 3) for k, v in (idle or {}).items()}
         for i, n in enumerate(a.sessions):
             kill_at = a.kill_at if (a.kill_at is not None and n == (a.kill_phase or a.sessions[-1])) else None
-            res = asyncio.run(phase(url, frames, n, a.seconds, marker0=100 * (i + 1), kill_at=kill_at))
+            res = asyncio.run(phase(url, frames, n, a.seconds, marker0=100 * (i + 1), kill_at=kill_at, idle_rate=idle))
             report["phases"].append(res)
             print(phase_line(res), file=sys.stderr, flush=True)
             if kill_at is not None:
                 break  # the killed replica is being replaced: later phases would measure its start-up
             time.sleep(a.pause)
+        if check is not None:
+            check(url)
     finally:
         stop(cfg)
     return report
@@ -136,16 +181,18 @@ def machine() -> str:
 
 def phase_line(p: dict) -> str:
     return (f"N={p['n']}: {p['fps_mean']} FPS/session (min {p['fps_min']}), p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms, "
-            f"stray {p['stray']}, dropped sessions {p['dropped_sessions']}, replicas {len(p['replicas_used'])}")
+            f"stray {p['stray']}, dropped sessions {p['dropped_sessions']}, replicas {len(p['replicas_used'])}, "
+            f"cpu {p['cpu_s']}")
 
 
 def table(report: dict) -> str:
     rows = ["| N sessions | FPS per session (mean / min) | latency p50 ms | p99 ms | outside the replica p50 ms "
-            "| frames sent / animated | sessions dropped | stray frames |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| frames sent / animated | sessions dropped | stray frames | relay CPU ms / message |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in report["phases"]:
         rows.append(f"| {p['n']}{' (kill)' if 'kill' in p else ''} | {p['fps_mean']} / {p['fps_min']} | {p['p50_ms']} "
                     f"| {p['p99_ms']} | {p['outside_p50_ms']} | {p['sent']} / {p['animated']} | {p['dropped_sessions']} "
-                    f"| {p['stray']} |")
+                    f"| {p['stray']} | {p['cpu_s']['relay_ms_per_message']} |")
     for p in report["phases"]:
         if "kill" in p:
             rows += ["", f"Killed replica {p['kill']['replica']} ({p['kill']['sessions_on_it']} sessions on it):", "",
@@ -196,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kill", dest="kill_at", action="store_const", const=None)
     p.add_argument("--kill-phase", type=int, help="the N whose phase has the kill (default: the last)")
     p.add_argument("--pause", type=float, default=3.0, help="seconds between phases")
+    p.add_argument("--idle-seconds", type=float, default=10.0,
+                   help="measure the relay's idle CPU this long first (0: skip; the relay figure is then gross)")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     p.add_argument("--address", help="join this Ray cluster instead of starting one")
     p.add_argument("--port", type=int, help="Serve's HTTP port (default: a free one)")
