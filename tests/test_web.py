@@ -23,7 +23,7 @@ import torch
 
 from runtime.live.config import LiveConfig
 from runtime.live.session import Output
-from runtime.web.config import WebConfig, add_arguments
+from runtime.web.config import WebConfig
 from runtime.web.images import ImageError, check_image, decode_image, encode_jpeg, image_header
 from runtime.web.protocol import ProtocolError, pack, unpack
 from runtime.web.server import bind_socket, make_app, origin_allowed
@@ -178,11 +178,10 @@ def test_config_checks_and_bind_warnings():
 
 def test_from_args_on_the_webcam_parser():
     from runtime.webcam import parser
-    a = parser().parse_args(["--serve", "--port", "8123"])  # the plain CLI, without the web flags
+    a = parser().parse_args(["--serve", "--port", "8123"])  # defaults of the web flags
     cfg = WebConfig.from_args(a)
     assert (cfg.host, cfg.port, cfg.max_sessions, cfg.token) == ("127.0.0.1", 8123, 4, None)
-    p = parser()
-    add_arguments(p)
+    p = parser()  # runtime.webcam's parser carries the web server's flags (add_arguments)
     a = p.parse_args(["--serve", "--host", "0.0.0.0", "--token", "abcdefgh12", "--max-sessions", "2",
                       "--allow-origin", "https://gpu.example.org"])
     cfg = WebConfig.from_args(a)
