@@ -5,7 +5,8 @@ plus untracked files git does not ignore; the working tree is never touched), ru
 subset that covers the mutated module (`pytest -x`, CI=true so a skip cannot hide a survivor), and
 reports which mutants the tests kill. Each subset first runs once unmutated: a subset that fails
 without a bug makes its mutants "invalid", not "killed". A mutant whose text is no longer in its
-file is "stale" (update the list). Not part of CI: it takes 20-40 minutes on 2 busy cores.
+file is "stale" (update the list). Not part of CI: on this project's 2 cores it took 6 minutes when
+they were free and 35 minutes when other jobs shared them.
 
     python -m scripts.mutate                 # all mutants; prints a table and the kill rate
     python -m scripts.mutate --list          # names, files and bug classes
