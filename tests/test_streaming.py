@@ -333,11 +333,16 @@ def test_write_ring_stores_exactly_once(unet, monkeypatch, kernels):
             return real_kernel(*a, write_cache=write_cache, **kw)
         monkeypatch.setattr(kma, "motion_attention", counted)
     L, N, E = 3, 2 if kernels else 4, 2  # the interpreted kernel is slow: 2 frames
+    dev = "cuda" if kernels and torch.cuda.is_available() else "cpu"  # the compiled kernel needs GPU tensors
+    if dev != "cpu":
+        import copy
+        unet = copy.deepcopy(unet).to(dev)
     x, _, ctx, _ = inputs(N * E, seed=5)
-    t = torch.tensor([900.0, 100.0])
+    x, ctx = x.to(dev), ctx.to(dev)
+    t = torch.tensor([900.0, 100.0], device=dev)
     s = StreamingUNet(unet)
-    a, b = alloc_ring(unet, L, E, *HW), alloc_ring(unet, L, E, *HW)
-    ca, cb = (counters(0, 1), counters(0, 0)), (counters(0, 1), counters(0, 0))
+    a, b = alloc_ring(unet, L, E, *HW, device=dev), alloc_ring(unet, L, E, *HW, device=dev)
+    ca, cb = ((counters(0, 1).to(dev), counters(0, 0).to(dev)) for _ in range(2))
     _use_kernels(unet, kernels)
     try:
         for f in range(N):
