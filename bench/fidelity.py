@@ -47,18 +47,20 @@ def hints(frames: int, preset: str):
     return preprocess(read_image(ROOT / "samples" / "source.png"), video.frames[:frames], resolution=size)
 
 
-def offline(pre, steps: int, seed: int, preset: str, checkpoint=None) -> np.ndarray:
+def offline(pre, steps: int, seed: int, preset: str, checkpoint=None, device: str = "cpu") -> np.ndarray:
     from runtime.pipeline import SamplingConfig, animate, load_models
-    models = load_models(preset, checkpoint=checkpoint, seed=seed)
+    models = load_models(preset, checkpoint=checkpoint, seed=seed, device=device)
     cfg = SamplingConfig(sampler="lcm", steps=steps, shared_noise=True, step_noise="fixed", seed=seed)
     res = animate(models.model, models.context, pre.source, pre.driving, pre.local, cfg)
     return _u8(res.images)
 
 
-def live(pre, steps: int, seed: int, preset: str, window: int, checkpoint=None, **over) -> np.ndarray:
+def live(pre, steps: int, seed: int, preset: str, window: int, checkpoint=None, device: str = "cpu",
+         **over) -> np.ndarray:
     from runtime.live.config import LiveConfig
     from runtime.live.factory import load_live
-    cfg = LiveConfig.from_name("tiny", preset=preset, steps=steps, window=window, decoder="vae", seed=seed, **over)
+    cfg = LiveConfig.from_name("tiny", preset=preset, steps=steps, window=window, decoder="vae", seed=seed,
+                             device=device, **over)
     model = load_live(cfg, checkpoint=checkpoint)
     s = model.new_session()
     g = torch.Generator().manual_seed(seed)  # the offline pipeline's draws: x_T noise, then one fixed step noise
@@ -71,15 +73,15 @@ def live(pre, steps: int, seed: int, preset: str, window: int, checkpoint=None, 
 
 
 def run(frames: int, steps: int, windows: list[int], seed: int, preset: str, kernels: bool, dtypes: bool,
-        checkpoint=None) -> list[dict]:
+        checkpoint=None, device: str = "cpu") -> list[dict]:
     pre = hints(frames, preset)
     rows = []
     t0 = time.perf_counter()
-    ref = offline(pre, steps, seed, preset, checkpoint)
+    ref = offline(pre, steps, seed, preset, checkpoint, device)
     print(f"offline: {len(ref)} frames in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     fp32 = {}
     for w in windows:
-        fp32[w] = live(pre, steps, seed, preset, w, checkpoint)
+        fp32[w] = live(pre, steps, seed, preset, w, checkpoint, device)
         rows.append({"comparison": f"live window {w} vs offline 16-frame windows", **compare(fp32[w], ref)})
         print(rows[-1], file=sys.stderr)
     w = max(windows)
@@ -88,11 +90,11 @@ def run(frames: int, steps: int, windows: list[int], seed: int, preset: str, ker
     if dtypes:
         for dt in ("bf16", "fp16"):
             rows.append({"comparison": f"live {dt} vs live fp32 (window {w}, {n} frames)",
-                         **compare(live(sub, steps, seed, preset, w, checkpoint, dtype=dt), fp32[w][:n])})
+                         **compare(live(sub, steps, seed, preset, w, checkpoint, device, dtype=dt), fp32[w][:n])})
             print(rows[-1], file=sys.stderr)
     if kernels:
         rows.append({"comparison": f"live Triton kernels vs PyTorch (window {w}, {n} frames)",
-                     **compare(live(sub, steps, seed, preset, w, checkpoint, backend="torch-kernels"),
+                     **compare(live(sub, steps, seed, preset, w, checkpoint, device, backend="torch-kernels"),
                              fp32[w][:n])})
         print(rows[-1], file=sys.stderr)
     return rows
@@ -114,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, nargs="+", default=[0, 4, 8, 15])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", type=Path, help="real X-Portrait weights (default: seeded random weights)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--no-kernels", action="store_true", help="skip the Triton comparison (slow on the CPU)")
     p.add_argument("--no-dtypes", action="store_true", help="skip fp16/bf16")
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "fidelity")
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         import os
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    rows = run(a.frames, a.steps, a.windows, a.seed, a.preset, not a.no_kernels, not a.no_dtypes, a.checkpoint)
+    rows = run(a.frames, a.steps, a.windows, a.seed, a.preset, not a.no_kernels, not a.no_dtypes, a.checkpoint,
+               a.device)
     a.out.mkdir(parents=True, exist_ok=True)
     meta = {"preset": a.preset, "frames": a.frames, "steps": a.steps, "seed": a.seed, "torch": torch.__version__,
             "device": "cuda" if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d")}
