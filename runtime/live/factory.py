@@ -32,13 +32,15 @@ class LiveModel:
     ring_layout: list[tuple[int, int]]
     random_weights: bool
     notes: list[str] = field(default_factory=list)
+    modalities: tuple[str, ...] = ("rgb",)  # the main UNet's latent layout; ("rgb", "depth"): rgbd presets
 
     def new_session(self, **overrides) -> LiveSession:
         """A session with its own caches and counters; overrides of LiveConfig fields that do not
         change the graphs (steps, window, stream_batch, sampler, seed, init)."""
         from dataclasses import replace
         cfg = replace(self.cfg, **overrides) if overrides else self.cfg
-        return LiveSession(self.graphs, cfg, self.context, self.alphas_cumprod, self.ring_layout)
+        return LiveSession(self.graphs, cfg, self.context, self.alphas_cumprod, self.ring_layout,
+                           modalities=self.modalities)
 
 
 def ring_layout(preset: str, size: int) -> list[tuple[int, int]]:
@@ -70,7 +72,7 @@ def load_live(cfg: LiveConfig, checkpoint=None, taesd=None, lora=None, engines=N
         context = _read_context(folder)
         weights = (json.loads((folder / "manifest.json").read_text()).get("preset") or {}).get("weights", "")
         random = str(weights).startswith("random")
-        return LiveModel(cfg, graphs, context, alphas, layout, random, list(graphs.notes))
+        return LiveModel(cfg, graphs, context, alphas, layout, random, list(graphs.notes), mcfg.unet.modalities)
     from runtime.pipeline import load_models
     models = load_models(cfg.preset, checkpoint=checkpoint, lora=lora, taesd=taesd,
                          need_taesd="taesd" in (cfg.encoder, cfg.decoder), seed=cfg.seed, device=cfg.device,
@@ -80,7 +82,7 @@ def load_live(cfg: LiveConfig, checkpoint=None, taesd=None, lora=None, engines=N
     graphs = torch_graphs(models.model, models.taesd, cfg.encoder, cfg.decoder, cfg.torch_dtype, kernels=kernels,
                           cuda_graphs=kernels and on_cuda and cfg.cuda_graphs)
     return LiveModel(cfg, graphs, models.context.float().cpu(), alphas, layout, models.random_weights,
-                     list(models.notes))
+                     list(models.notes), mcfg.unet.modalities)
 
 
 def _check_export(folder: Path, cfg: LiveConfig) -> None:
@@ -90,6 +92,10 @@ def _check_export(folder: Path, cfg: LiveConfig) -> None:
                                 f"python -m export --preset {cfg.preset} --out {folder}")
     man = json.loads(man_path.read_text())
     preset = (man.get("preset") or {}).get("name")
+    if preset is not None and preset != cfg.preset and cfg.preset.endswith("-rgbd"):
+        raise ValueError(f"--engines {folder} holds preset {preset!r} graphs, not the rgbd ones --depth needs: "
+                         f"export them with python -m export --preset {cfg.preset} --out DIR (from a checkpoint "
+                         "converted by python -m models.rgbd convert)")
     if preset is not None and preset != cfg.preset:
         raise ValueError(f"--engines {folder} holds preset {preset!r} graphs; pass --preset {preset}")
 

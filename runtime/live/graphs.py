@@ -40,6 +40,7 @@ class Graphs:
     input_names: dict[str, list[str]]
     writes_ring: bool = False      # unet_stream stores k_new/v_new in the ring in place
     window: int | None = None      # fixed by the graphs (exported ring slots - 1); None: any
+    max_batch: int | None = None   # largest batch every graph takes (static exports: their batch); None: any
     notes: list[str] = field(default_factory=list)
 
     def __getitem__(self, role: str) -> Runner:
@@ -152,6 +153,11 @@ def _ring_window(man: dict) -> int | None:
     return None if slots is None else int(slots) - 1
 
 
+def _max_batch(man: dict) -> int | None:
+    preset = man.get("preset") or {}
+    return None if preset.get("dynamic") or preset.get("batch") is None else int(preset["batch"])
+
+
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int32)": torch.int32,
                "tensor(int64)": torch.int64, "tensor(double)": torch.float64}
 
@@ -167,7 +173,7 @@ def ort_graphs(folder: str | Path, encoder: str = "vae", decoder: str = "taesd",
         be = OrtBackend(folder / entry["onnx"]["file"], providers)
         runners[role], inputs[role] = be, list(be.input_names)
         dtypes[role] = {i.name: _ORT_DTYPES[i.type] for i in be.session.get_inputs()}
-    return Graphs(runners, dtypes, inputs, writes_ring=False, window=_ring_window(man),
+    return Graphs(runners, dtypes, inputs, writes_ring=False, window=_ring_window(man), max_batch=_max_batch(man),
                   notes=[f"ONNX Runtime over {folder}"])
 
 
@@ -186,5 +192,5 @@ def trt_graphs(folder: str | Path, encoder: str = "vae", decoder: str = "taesd",
         be = TrtBackend(folder / plan, use_cuda_graph=cuda_graphs)
         runners[role], inputs[role] = be, list(be.input_names)
         dtypes[role] = {t["name"]: TORCH_DTYPES[t["dtype"]] for t in entry["inputs"]}
-    return Graphs(runners, dtypes, inputs, writes_ring=False, window=_ring_window(man),
+    return Graphs(runners, dtypes, inputs, writes_ring=False, window=_ring_window(man), max_batch=_max_batch(man),
                   notes=[f"TensorRT over {folder}"])

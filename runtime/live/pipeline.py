@@ -13,8 +13,12 @@ ordered by events. The device thread never waits on the GPU except to bound the 
 two frames (it waits for the event of the frame two before, which has normally long completed);
 the only per-frame wait is the presenting thread's, on the frame it is about to show.
 
-Commands from the UI (swap source, reset) are queued to the device thread and applied between
-frames, on its stream.
+Commands from the UI (swap source, reset, move the light) are queued to the device thread and
+applied between frames, on its stream.
+
+rgbd sessions (runtime/live/depth.py): with a `view` (DepthView), the device thread turns each
+Output's RGB + depth into one [RGB or relit RGB | depth] image on the device (stage "relight", or
+"depth" without relighting), and the one download carries it: results are `view.panels` frames wide.
 """
 from __future__ import annotations
 
@@ -81,8 +85,8 @@ class _Pinned:
 class Pipeline:
     """Runs a LiveSession on frames from `source`, hints from `tracker`; results via `results()`."""
 
-    def __init__(self, session: LiveSession, source, tracker, every_frame: bool = False):
-        self.session, self.source, self.tracker = session, source, tracker
+    def __init__(self, session: LiveSession, source, tracker, every_frame: bool = False, view=None):
+        self.session, self.source, self.tracker, self.view = session, source, tracker, view
         self.device = session.device
         self.cuda = self.device.type == "cuda"
         self.hints = LatestSlot(block=every_frame)
@@ -96,12 +100,14 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         r = session.size
         self._up = _Pinned((2, r, r, 3), self.device, 2)
-        self._down = _Pinned((r, r, 3), self.device, 4)  # device writes one, slot holds one, presenter copies one
+        width = r * (view.panels if view is not None else 1)
+        self._down = _Pinned((r, width, 3), self.device, 4)  # device writes one, slot holds one, presenter copies one
         if self.cuda:
             self.compute = torch.cuda.Stream(self.device)
             self.copy_in = torch.cuda.Stream(self.device)
             self.copy_out = torch.cuda.Stream(self.device)
-        self._clocks = [StageClock(self.device) for _ in range(4)]
+        stages = 2 * getattr(session, "steps", 1) + 10  # per step control + unet; upload ... download
+        self._clocks = [StageClock(self.device, stages) for _ in range(4)]
         self._inflight: list[torch.cuda.Event] = []
 
     # ----------------------------------------------------------------------------- control
@@ -141,6 +147,10 @@ class Pipeline:
     def reset(self) -> None:
         self.commands.put(("reset",))
 
+    def set_light(self, direction: torch.Tensor) -> None:
+        """A new relighting direction (3,) on the CPU (runtime/live/depth.py LightKeys.direction())."""
+        self.commands.put(("light", direction))
+
     # -------------------------------------------------------------------------- threads
     def _prepare_loop(self) -> None:
         from runtime.live.capture import SourceEnded
@@ -176,6 +186,7 @@ class Pipeline:
                 item = self.hints.get(timeout=0.05)
                 if item is None:
                     continue
+                self._apply_commands()  # also those sent while waiting: they apply to this frame already
                 self._run_frame(*item)
         self.out.close()
 
@@ -187,6 +198,8 @@ class Pipeline:
                 return
             if cmd[0] == "reset":
                 self.session.reset()
+            elif cmd[0] == "light" and self.view is not None:
+                self.view.set_light(cmd[1])
             elif cmd[0] == "source":
                 self.session.set_source(torch.from_numpy(np.ascontiguousarray(cmd[1])))
                 if cmd[2] is not None and hasattr(self.tracker, "set_source"):
@@ -213,19 +226,22 @@ class Pipeline:
         res = self.session.step(dev[0], dev[1], tag, clock=clock)
         if res is None:  # stream batch filling up
             return
+        image = res.image
+        if self.view is not None:
+            image = self.view(res.image, res.depth, clock)  # [RGB or relit | depth], on the device
         j, out_host = self._down.next()
         if self.cuda:
             self.copy_out.wait_stream(self.compute)
             with torch.cuda.stream(self.copy_out):
-                out_host.copy_(res.image, non_blocking=True)
-                res.image.record_stream(self.copy_out)
+                out_host.copy_(image, non_blocking=True)
+                image.record_stream(self.copy_out)
                 clock.mark("download")
                 self._down.done[j].record()
             ev = torch.cuda.Event()
             ev.record(self.compute)
             self._inflight.append(ev)
         else:
-            out_host.copy_(res.image)
+            out_host.copy_(image)
             clock.mark("download")
         self.out.put((j, res.tag, clock))
 

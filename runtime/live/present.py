@@ -8,7 +8,9 @@ Every sink has one interface:
 
 Actions come from keys where there is a keyboard: "swap_source" (s), "reset" (r, the temporal
 cache), "toggle_hud" (h; the caller then passes hud_lines=None), "quit" (q, Esc, or closing the
-window). Sinks draw what they are given and keep no queue: a frame is shown or encoded in write().
+window), and "light_left/right/up/down" (arrow keys or j/l/i/k: move the relighting light,
+runtime/live/depth.py). Sinks draw what they are given and keep no queue: a frame is shown or
+encoded in write(). An animated frame may be several panels wide (rgbd: RGB | depth).
 
 * Window: a pygame window (opencv-python-headless has no GUI), driving | animated side by
   side, each panel scaled to `panel` px, HUD on top.
@@ -34,12 +36,16 @@ from runtime.live.hud import draw_hud
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("swap_source", "reset", "toggle_hud", "quit")
+ACTIONS = ("swap_source", "reset", "toggle_hud", "quit", "light_left", "light_right", "light_up", "light_down")
+# pygame key names (pygame.K_<name>) -> action
+KEYS = {"s": "swap_source", "r": "reset", "h": "toggle_hud", "q": "quit", "ESCAPE": "quit",
+        "LEFT": "light_left", "j": "light_left", "RIGHT": "light_right", "l": "light_right",
+        "UP": "light_up", "i": "light_up", "DOWN": "light_down", "k": "light_down"}
 
 
 @dataclass
 class OutputFrame:
-    rgb: np.ndarray                # (H, W, 3) uint8 animated frame
+    rgb: np.ndarray                # (H, W, 3) uint8 animated frame (rgbd: W = 2H, RGB | depth)
     t_capture: float               # capture time of its driving frame (perf_counter)
     index: int                     # the driving frame's sequence number
     driving: np.ndarray | None = None  # (R, R, 3) uint8 re-framed driving frame, for side by side
@@ -53,12 +59,13 @@ class Sink(Protocol):
 
 
 def compose(out: OutputFrame, panel: int | None = None, side_by_side: bool = True) -> np.ndarray:
-    """driving | animated (or the animated frame alone), each resized to panel x panel if given."""
+    """driving | animated (or the animated frame alone), each resized to `panel` px high if given
+    (keeping its aspect: a 2-panel-wide rgbd frame stays twice as wide)."""
     panels = [out.driving, out.rgb] if side_by_side and out.driving is not None else [out.rgb]
     if panel is not None:
-        panels = [p if p.shape[:2] == (panel, panel) else cv2.resize(
-            p, (panel, panel), interpolation=cv2.INTER_AREA if p.shape[0] > panel else cv2.INTER_LINEAR)
-            for p in panels]
+        panels = [p if p.shape[0] == panel else cv2.resize(
+            p, (round(p.shape[1] * panel / p.shape[0]), panel),
+            interpolation=cv2.INTER_AREA if p.shape[0] > panel else cv2.INTER_LINEAR) for p in panels]
     elif len(panels) == 2 and panels[0].shape[0] != panels[1].shape[0]:
         h = panels[1].shape[0]
         panels[0] = cv2.resize(panels[0], (round(panels[0].shape[1] * h / panels[0].shape[0]), h))
@@ -103,8 +110,7 @@ class Window:
             pygame.display.quit()  # SDL fell back to drawing nowhere: say so instead of showing nothing
             raise RuntimeError(f"no display to open a window on (SDL video driver '{driver}'): {fix}")
         self._screen = None
-        self._keys = {pygame.K_s: "swap_source", pygame.K_r: "reset", pygame.K_h: "toggle_hud",
-                      pygame.K_q: "quit", pygame.K_ESCAPE: "quit"}
+        self._keys = {getattr(pygame, f"K_{name}"): action for name, action in KEYS.items()}
         self._closed = False
 
     def write(self, out: OutputFrame, hud_lines: list[str] | None = None) -> list[str]:

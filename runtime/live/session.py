@@ -21,6 +21,10 @@ Two schedules share every buffer:
   step S-1 of frame f-S+1 as one batch of S ring elements, each with its own timestep, reference
   K/V and ring rows. Higher throughput; each frame comes out S-1 calls later. Frame for frame it
   computes exactly what the sequential schedule computes (tests/test_live_session.py).
+
+rgbd presets (a joint RGB + depth latent, models/rgbd.py) run through the same code: the latent
+layout's few differences (channel count, the ControlNets' rgb slice, per-modality t, the decoder's
+depth output) are in runtime/live/depth.py `LatentLayout`.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 
 from runtime.live.config import LiveConfig
+from runtime.live.depth import LatentLayout, layout_noise
 from runtime.live.graphs import Graphs
 from runtime.live.sampling import StepTable, initial_latent, step_table
 
@@ -38,13 +43,17 @@ from runtime.live.sampling import StepTable, initial_latent, step_table
 class Output:
     image: torch.Tensor  # (R, R, 3) uint8 RGB on the session's device
     tag: Any             # what was passed with the driving frame (e.g. its capture time)
+    depth: torch.Tensor | None = None  # rgbd models: (R, R) float32 normalized depth (near -1), on the device
 
 
 class LiveSession:
     """Streaming reenactment of one source. `graphs` may be shared by several sessions."""
 
     def __init__(self, graphs: Graphs, cfg: LiveConfig, context: torch.Tensor, alphas_cumprod: torch.Tensor,
-                 ring_layout: list[tuple[int, int]], latent_channels: int = 4):
+                 ring_layout: list[tuple[int, int]], latent_channels: int = 4,
+                 modalities: tuple[str, ...] = ("rgb",)):
+        """latent_channels: per modality group; modalities: the model's latent layout (cfg.unet.modalities,
+        e.g. ("rgb", "depth") for rgbd presets: runtime/live/depth.py)."""
         self.cfg, self.graphs = cfg.validated(), graphs
         if graphs.window is not None and graphs.window != cfg.window:
             raise ValueError(f"--window {cfg.window}: these graphs were exported with {graphs.window + 1} ring "
@@ -58,16 +67,18 @@ class LiveSession:
         dev = self.device
         dt = graphs.input_dtypes
         self._ctx = {role: context.to(dev, dt[role]["context"]) for role in ("reference", "control", "unet_stream")}
+        self.t = self.table.timesteps.float().to(dev)                      # (S,) float32, as the graphs take t
+        self.latent = LatentLayout(modalities, latent_channels, self.t, (h, w), dt, graphs.max_batch)
+        latent_channels = self.latent.channels
         # the sampler state stays fp32; x_in is the model-dtype copy every graph reads
         self.x_T = torch.zeros(1, latent_channels, h, w, device=dev)
         self.x = torch.zeros(S, latent_channels, h, w, device=dev)
         self.x_in = torch.zeros(S, latent_channels, h, w, device=dev, dtype=dt["unet_stream"]["x"])
         self.x_dec = torch.zeros(1, latent_channels, h, w, device=dev, dtype=dt["decoder"]["latent"])
-        self.t = self.table.timesteps.float().to(dev)                      # (S,) float32, as the graphs take t
         self.coef = [c.to(dev).view(S, 1, 1, 1) for c in (self.table.a, self.table.b, self.table.c)]
         g = torch.Generator().manual_seed(cfg.seed)
-        self.noise_init = torch.randn(1, latent_channels, h, w, generator=g).to(dev)
-        self.noise = torch.randn(S, latent_channels, h, w, generator=g).to(dev)
+        self.noise_init, self.noise = (n.to(dev) for n in layout_noise(g, modalities, self.latent.group_channels,
+                                                                          S, h, w))
         # hint inputs (uint8 uploads are converted into these) and per-element hint features
         self.pose = torch.zeros(1, 3, self.size, self.size, device=dev, dtype=dt["hint"]["pose_hint"])
         self.local = torch.zeros_like(self.pose)
@@ -134,7 +145,7 @@ class LiveSession:
         image = self._as_image(image, self.graphs.input_dtypes["encoder"]["image"])
         z = self.graphs["encoder"]({"image": image})["latent"].float()
         self.z_src = z
-        self.x_T.copy_(initial_latent(self.alphas, z, self.noise_init, self.cfg.init))
+        self.x_T.copy_(initial_latent(self.alphas, self.latent.source(z), self.noise_init, self.cfg.init))
         ref_dtype = self.graphs.input_dtypes["reference"]["ref_latent"]
         for i in range(self.steps):
             out = self.graphs["reference"]({"ref_latent": z.to(ref_dtype), "t": self.t[i:i + 1],
@@ -184,7 +195,7 @@ class LiveSession:
         self.frames += 1
         if self.cfg.stream_batch:
             return self._step_batched(feat, tag)
-        return Output(self._decode(self._denoise(feat)), tag)
+        return self._decode(self._denoise(feat), tag)
 
     def _mark(self, stage: str) -> None:
         if self._clock is not None:
@@ -199,11 +210,12 @@ class LiveSession:
         for i in range(self.steps):
             xin = self.x_in[i:i + 1]
             xin.copy_(x)
-            t = self.t[i:i + 1]
-            ctrl = self.graphs["control"]({"x": xin, "t": t, "context": self._ctx["control"], **feat})
+            t, rows = self.t[i:i + 1], slice(i, i + 1)
+            ctrl = self.graphs["control"]({"x": self.latent.control_x(xin, rows), "t": t,
+                                           "context": self._ctx["control"], **feat})
             self._mark("control")
-            feed = {"x": xin, "t": t, "context": self._ctx["unet_stream"], **self.ref[i], **ctrl,
-                    **self._ring_feed(slice(i, i + 1), slice(i, i + 1))}
+            feed = {"x": xin, "t": self.latent.unet_t(t, rows), "context": self._ctx["unet_stream"], **self.ref[i],
+                    **ctrl, **self._ring_feed(rows, rows)}
             out = self.graphs["unet_stream"](feed)
             if not self.graphs.writes_ring and self.k_ring:
                 self._write_new(out, slice(i, i + 1), feed)
@@ -235,10 +247,12 @@ class LiveSession:
         self._tags = [tag, *self._tags[:-1]]
         self.x[:1].copy_(self.x_T)
         self.x_in.copy_(self.x)
-        ctrl = self.graphs["control"]({"x": self.x_in, "t": self.t, "context": self._ctx["control"], **self._feat})
+        every = slice(0, S)
+        ctrl = self.graphs["control"]({"x": self.latent.control_x(self.x_in, every), "t": self.t,
+                                       "context": self._ctx["control"], **self._feat})
         self._mark("control")
-        feed = {"x": self.x_in, "t": self.t, "context": self._ctx["unet_stream"], **self.ref_all, **ctrl,
-                **self._ring_feed(slice(0, S), slice(0, S))}
+        feed = {"x": self.x_in, "t": self.latent.unet_t(self.t, every), "context": self._ctx["unet_stream"],
+                **self.ref_all, **ctrl, **self._ring_feed(every, every)}
         out = self.graphs["unet_stream"](feed)
         if not self.graphs.writes_ring and self.k_ring:
             self._write_new(out, slice(0, S), feed)
@@ -248,17 +262,21 @@ class LiveSession:
         ring_advance(self.write_slot, self.n_past, self.slots, active=self._active[self._filled])
         done = self._filled == S - 1
         final = x_next[S - 1:]
-        result = Output(self._decode(final), self._tags[S - 1]) if done else None
+        result = self._decode(final, self._tags[S - 1]) if done else None
         self.x[1:] = x_next[:-1]
         self._filled = min(self._filled + 1, S - 1)
         return result
 
-    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
-        self.x_dec.copy_(latent)
-        img = self.graphs["decoder"]({"latent": self.x_dec})["image"][0]
+    def _decode(self, latent: torch.Tensor, tag: Any) -> Output:
+        """The final latent -> Output (image (R, R, 3) uint8; depth (R, R) float32 for rgbd layouts)."""
+        if self.latent.groups == 1:
+            self.x_dec.copy_(latent)
+            img, depth = self.graphs["decoder"]({"latent": self.x_dec})["image"][0], None
+        else:
+            img, depth = self.latent.decode(self.graphs["decoder"], latent)
         out = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous()
         self._mark("decode")
-        return out
+        return Output(out, tag, depth)
 
     def set_noise(self, init: torch.Tensor, steps: torch.Tensor) -> None:
         """Replace the fixed noise (x_T noise (1, C, h, w), per-step noise (S, C, h, w)), e.g. to match a host
