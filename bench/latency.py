@@ -138,7 +138,7 @@ class ModelCache:
                               cuda_graphs=kernels and cfg.device.startswith("cuda") and cfg.cuda_graphs)
         alphas = ddpm_buffers(XPortraitConfig.from_name(cfg.preset).schedule)["alphas_cumprod"].float()
         return LiveModel(cfg, graphs, m.context.float().cpu(), alphas, ring_layout(cfg.preset, cfg.image_size()),
-                         m.random_weights, list(m.notes))
+                         m.random_weights, list(m.notes), XPortraitConfig.from_name(cfg.preset).unet.modalities)
 
 
 @dataclass

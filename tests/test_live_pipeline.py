@@ -170,3 +170,32 @@ def test_webcam_bad_flags_fail_before_loading():
     assert r.returncode != 0 and "--steps" in r.stderr and "Traceback" not in r.stderr
     r = _webcam("--input", "samples/driving.mp4", "--output", "samples/driving.mp4", "--headless", timeout=120)
     assert r.returncode != 0 and "--output" in r.stderr
+
+
+def test_webcam_sigterm_finishes_the_recording(tmp_path):
+    """SIGTERM (or Ctrl-C) ends a live run like q: the recording so far is complete and playable."""
+    import signal
+    out, log = tmp_path / "rec.mp4", tmp_path / "lat.jsonl"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "runtime.webcam", "--input", "samples/driving.mp4", "--loop",
+                          "--headless", "--output", str(out), "--log-json", str(log), "--steps", "1",
+                          "--window", "3"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and p.poll() is None:
+            tmp_logs = list(tmp_path.glob(".lat.jsonl*"))
+            if tmp_logs and len(tmp_logs[0].read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.5)
+        assert p.poll() is None, p.stderr.read()
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=120)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted" in err and "Traceback" not in err
+    from runtime.video_io import read_video
+    n = len(log.read_text().splitlines())
+    assert n >= 3 and len(read_video(out).frames) == n
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")], "no temporary file left"

@@ -208,3 +208,18 @@ def test_fp8_ring_halves_memory_and_stays_close(live):
     assert ring8 * 4 == ring32  # fp32 -> fp8 storage
     diff = max(np.abs(x.astype(int) - y.astype(int)).mean() for (_, x), (_, y) in zip(a, b))
     assert 0 < diff < 8, diff  # rounded K/V: close to, but not the same as, the fp32 ring
+
+
+def test_nonfinite_weights_are_reported_with_the_likely_cause():
+    from models.finite import NonFiniteError
+    bad = load_live(LiveConfig.from_name("tiny", steps=1, window=0))
+    unet = bad.graphs.runners["unet_stream"].stream.unet
+    with torch.no_grad():
+        next(unet.parameters()).fill_(float("nan"))  # a corrupt checkpoint
+    s = bad.new_session()
+    size = bad.cfg.image_size()
+    s.set_source(_source(size))
+    assert s.finite.poll() is None
+    _run(s, _frames(1, size))
+    err = s.finite.poll()
+    assert isinstance(err, NonFiniteError) and "fp16" in str(err) and "checkpoint" in str(err)

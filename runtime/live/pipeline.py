@@ -180,15 +180,17 @@ class Pipeline:
 
     def _device_loop(self) -> None:
         ctx = torch.cuda.stream(self.compute) if self.cuda else _nullcontext()
-        with ctx:
-            while not self._stop.is_set():
-                self._apply_commands()
-                item = self.hints.get(timeout=0.05)
-                if item is None:
-                    continue
-                self._apply_commands()  # also those sent while waiting: they apply to this frame already
-                self._run_frame(*item)
-        self.out.close()
+        try:
+            with ctx:
+                while not self._stop.is_set():
+                    self._apply_commands()
+                    item = self.hints.get(timeout=0.05)  # raises Closed once the input has ended
+                    if item is None:
+                        continue
+                    self._apply_commands()  # also those sent while waiting: they apply to this frame already
+                    self._run_frame(*item)
+        finally:
+            self.out.close()  # the presenting thread's results() ends after the last frame
 
     def _apply_commands(self) -> None:
         while True:
@@ -263,6 +265,10 @@ class Pipeline:
             if self.cuda:
                 self._down.done[j].synchronize()
             image = self._down.host[j].numpy().copy()
+            finite = getattr(self.session, "finite", None)
+            if finite is not None and finite.poll() is not None:  # a few frames late, never a per-frame sync
+                self.stop()
+                raise finite.error
             yield Result(image, tag, {"prepare": tag.prep_ms, **clock.read()})
         if self._error is not None:
             raise self._error

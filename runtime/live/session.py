@@ -93,6 +93,8 @@ class LiveSession:
         self._feat: dict[str, torch.Tensor] | None = None
         self.frames = 0
         self._clock = None
+        from models.finite import FiniteMonitor  # NaN/Inf flag on the device, read without a per-frame sync
+        self.finite = FiniteMonitor(self.device, every=8 if self.device.type == "cuda" else 1)
 
     # ---------------------------------------------------------------------------- state
     def _alloc_rings(self, layout: list[tuple[int, int]], dtypes: dict[str, torch.dtype]) -> None:
@@ -269,6 +271,7 @@ class LiveSession:
 
     def _decode(self, latent: torch.Tensor, tag: Any) -> Output:
         """The final latent -> Output (image (R, R, 3) uint8; depth (R, R) float32 for rgbd layouts)."""
+        self.finite.update(latent, "latents")
         if self.latent.groups == 1:
             self.x_dec.copy_(latent)
             img, depth = self.graphs["decoder"]({"latent": self.x_dec})["image"][0], None
