@@ -108,7 +108,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
+def check_args(a: argparse.Namespace) -> None:
+    """Flags, inputs and --out before any model is built (each message names its flag)."""
+    from models.config import PRESETS
+    from models.fileio import check_output_path
+    if a.preset not in PRESETS:
+        raise ValueError(f"--preset {a.preset}: unknown; choose one of {', '.join(sorted(PRESETS))}")
+    if a.frames < 1:
+        raise ValueError(f"--frames {a.frames}: must be >= 1")
+    if not 1 <= a.steps <= 50:
+        raise ValueError(f"--steps {a.steps}: must be in 1..50 (LCM)")
+    bad = [w for w in a.windows if not 0 <= w <= 15]
+    if bad:
+        raise ValueError(f"--windows {' '.join(map(str, bad))}: each must be in 0..15")
+    if a.checkpoint is not None and not a.checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {a.checkpoint}: no such file")
+    check_output_path(a.out / "fidelity.json", (".json",), inputs=(a.checkpoint,), flag="--out")
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--frames", type=int, default=24)
@@ -119,21 +137,29 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-kernels", action="store_true", help="skip the Triton comparison (slow on the CPU)")
     p.add_argument("--no-dtypes", action="store_true", help="skip fp16/bf16")
-    p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "fidelity")
+    p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "fidelity", help="output folder")
+    from models.cli import add_debug_flag
+    add_debug_flag(p)
     a = p.parse_args(argv)
+    check_args(a)
     if not torch.cuda.is_available():
         import os
         os.environ.setdefault("TRITON_INTERPRET", "1")
     rows = run(a.frames, a.steps, a.windows, a.seed, a.preset, not a.no_kernels, not a.no_dtypes, a.checkpoint,
                a.device)
-    a.out.mkdir(parents=True, exist_ok=True)
     meta = {"preset": a.preset, "frames": a.frames, "steps": a.steps, "seed": a.seed, "torch": torch.__version__,
             "device": "cuda" if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d")}
-    tmp = a.out / "fidelity.json.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    tmp.replace(a.out / "fidelity.json")
+    from models.fileio import atomic_write
+    atomic_write(a.out / "fidelity.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(table(rows))
     return 0
+
+
+def main(argv=None) -> int:
+    """One `error: ...` line and the exit codes of models/cli.py (1: a bad flag or file, checked before any
+    model is built; 2: usage; 130/143: Ctrl-C/SIGTERM, fidelity.json untouched); --debug: the traceback."""
+    from models.cli import run_main
+    return run_main(_main, argv, expected=(RuntimeError, KeyError))
 
 
 if __name__ == "__main__":

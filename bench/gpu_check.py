@@ -30,6 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from models.cli import add_debug_flag, run_main
+from models.fileio import atomic_output, atomic_write, check_output_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 CARRY = ROOT / "artifacts" / "carry"
 # most important first: configurations not started within the latency step's budget are skipped
@@ -102,7 +105,8 @@ class Check:
 
     def keep(self, src: Path, name: str | None = None) -> None:
         if src.is_file():
-            shutil.copyfile(src, self.out / (name or src.name))
+            with atomic_output(self.out / (name or src.name)) as tmp:
+                shutil.copyfile(src, tmp)
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -253,7 +257,7 @@ def step_trt(c: Check, cuda: bool) -> None:
 def finish(c: Check, env: dict) -> dict:
     summary = {"schema": "xportrait-gpu-check/1", "dry_run": c.dry_run, "env": env, "steps": c.steps,
                "wall_s": round(time.perf_counter() - c.t0, 1)}
-    (c.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    atomic_write(c.out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     c.log.close()
     c.keep(c.work / "logs.txt")
     shutil.rmtree(c.work, ignore_errors=True)
@@ -268,11 +272,16 @@ def finish(c: Check, env: dict) -> dict:
 def check(out: Path, budget_s: float, dry_run: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     c = Check(out, budget_s, dry_run)
-    install_carried_wheels(c)
-    env = step_env(c)
-    cuda = _cuda() and not dry_run
-    for step in (step_golden, step_kernels, step_latency, step_pytest, step_trt):
-        step(c, cuda)
+    try:
+        install_carried_wheels(c)
+        env = step_env(c)
+        cuda = _cuda() and not dry_run
+        for step in (step_golden, step_kernels, step_latency, step_pytest, step_trt):
+            step(c, cuda)
+    except BaseException:  # Ctrl-C/SIGTERM (models.cli) or a bug: remove the work folder, keep --out as it was
+        c.log.close()
+        shutil.rmtree(c.work, ignore_errors=True)
+        raise
     return finish(c, env)
 
 
@@ -308,25 +317,31 @@ def prepare(trt_plan: bool) -> list[str]:
     return done
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "artifacts" / "gpu_check"))
     ap.add_argument("--budget", type=float, default=450.0, help="seconds for all steps (default 450)")
     ap.add_argument("--dry-run", action="store_true", help="CPU: GPU steps report 'skipped: no CUDA'")
     ap.add_argument("--prepare", action="store_true", help="fill artifacts/carry/ for the device call, then exit")
     ap.add_argument("--trt-plan", action="store_true", help="with --prepare: also build the TensorRT-RTX plan")
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
     if a.prepare:
-        try:
-            for line in prepare(a.trt_plan):
-                print(line)
-        except (subprocess.CalledProcessError, FileNotFoundError) as e:
-            print(f"bench.gpu_check --prepare: {e}", file=sys.stderr)
-            return 1
+        for line in prepare(a.trt_plan):
+            print(line)
         return 0
+    if not a.budget > 0:
+        raise ValueError(f"--budget {a.budget:g}: must be > 0 seconds")
+    check_output_folder(a.out, "--out")  # before any step: exists or can be made, and writable
     summary = check(a.out, a.budget, a.dry_run)
     bad = [s for s in summary["steps"] if s["status"].startswith(("failed", "timeout"))]
     return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    """Exit 0: every step ok or skipped; 1: a step failed or timed out, or a bad flag or folder (one `error:`
+    line); 2: usage; 130/143: Ctrl-C/SIGTERM (the work folder is removed); --debug: the traceback."""
+    return run_main(_main, argv, expected=(subprocess.CalledProcessError,))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=int, help="torch CPU threads")
     v.add_argument("--out", type=Path, default=Path("artifacts/bench/latency"), help="output folder")
     v.add_argument("--no-chart", action="store_true")
+    from models.cli import add_debug_flag
+    add_debug_flag(p)
     return p
 
 
@@ -372,15 +374,32 @@ def env_device(env: dict, cfg: LiveConfig) -> str | None:
     return env["device"] if cfg.device.startswith("cuda") else None
 
 
-def main(argv=None) -> int:
+def check_files(a: argparse.Namespace) -> None:
+    """Before any work: every input file exists; --out is a folder that exists or can be made, writable,
+    and none of its output files is an input."""
+    from models.fileio import check_output_path
+    for flag, path in (("--checkpoint", a.checkpoint), ("--taesd", a.taesd), ("--engines", a.engines)):
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    names = ["latency.json", "configs.csv", "stages.csv"] + ([] if a.no_chart else ["latency.png"])
+    for name in names:
+        check_output_path(a.out / name, inputs=(a.configs, a.checkpoint, a.taesd), flag="--out")
+
+
+def _main(argv=None) -> int:
     a = parser().parse_args(argv)
     from bench.report import table, write_all
     try:
+        check_files(a)
         result = run(a)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"bench.latency: {e}", file=sys.stderr)
+        paths = write_all(a.out, result)
+    except (ValueError, OSError, KeyError, ImportError) as e:  # documented: 2 = bad options (1 = a config failed)
+        from models.cli import one_line
+        if a.debug:
+            import traceback
+            traceback.print_exc()
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    paths = write_all(a.out, result)
     if not a.no_chart:
         try:
             from bench.chart import write_chart
@@ -392,6 +411,13 @@ def main(argv=None) -> int:
     print(table(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if all(c["status"] == "ok" for c in result["configs"]) else 1
+
+
+def main(argv=None) -> int:
+    """Exit 0: every configuration ran; 1: one failed (its status says why); 2: bad options, files or --out
+    (one `error:` line, before any model loads where it can be checked); 3: a bug; 130/143: Ctrl-C/SIGTERM."""
+    from models.cli import run_main
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -143,34 +143,46 @@ def _taesd(cfg, path: Path):
     return taesd
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
+    from models.cli import add_debug_flag
     p = argparse.ArgumentParser(prog="python -m models.depth",
                                 description="measure the depth round trip through TAESD and/or the KL VAE")
     p.add_argument("--taesd", help="folder with taesd_encoder/decoder (.pth or .safetensors), or a diffusers file")
     p.add_argument("--checkpoint", help="X-Portrait (or converted rgbd) checkpoint: its KL VAE (first_stage_model.*)")
     p.add_argument("--preset", default="sd15")
     p.add_argument("--size", type=int, default=256)
+    add_debug_flag(p)
     a = p.parse_args(argv)
     if not (a.taesd or a.checkpoint):
         p.error("pass --taesd and/or --checkpoint (random weights do not reconstruct, so there is nothing to measure)")
-    from models.config import XPortraitConfig
+    from models.config import PRESETS, XPortraitConfig
+    if a.preset not in PRESETS:  # flags and files before any model is built
+        raise ValueError(f"--preset {a.preset}: unknown; choose one of {', '.join(sorted(PRESETS))}")
+    if a.size < 8 or a.size % 8:
+        raise ValueError(f"--size {a.size}: must be a positive multiple of 8 (the autoencoders downsample by 8)")
+    for flag, path in (("--taesd", a.taesd), ("--checkpoint", a.checkpoint)):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     cfg = XPortraitConfig.from_name(a.preset)
     n = DepthRange.fit(portrait_depth(a.size), 0.0).normalize(portrait_depth(a.size))
-    try:
-        if a.taesd:
-            print("taesd:", round_trip_error(_taesd(cfg, Path(a.taesd)), n))
-        if a.checkpoint:
-            from models.vae import AutoencoderKL
-            from models.weights import read_state_dict
-            vae = AutoencoderKL(cfg.vae).eval()
-            sd = read_state_dict(a.checkpoint)
-            vae.load_state_dict({k[len("first_stage_model."):]: v for k, v in sd.items()
-                                 if k.startswith("first_stage_model.")}, strict=True)
-            print("kl vae:", round_trip_error(vae, n))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if a.taesd:
+        print("taesd:", round_trip_error(_taesd(cfg, Path(a.taesd)), n))
+    if a.checkpoint:
+        from models.vae import AutoencoderKL
+        from models.weights import read_state_dict
+        vae = AutoencoderKL(cfg.vae).eval()
+        sd = read_state_dict(a.checkpoint)
+        vae.load_state_dict({k[len("first_stage_model."):]: v for k, v in sd.items()
+                             if k.startswith("first_stage_model.")}, strict=True)
+        print("kl vae:", round_trip_error(vae, n))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One `error: ...` line (1: a bad flag or file, checked before any model is built, or weights that do
+    not fit; 2: usage; 130/143: Ctrl-C/SIGTERM); --debug: the traceback. Writes no file."""
+    from models.cli import run_main
+    return run_main(_main, argv, expected=(RuntimeError,))
 
 
 if __name__ == "__main__":

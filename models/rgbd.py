@@ -37,7 +37,6 @@ Checkpoint conversion (`widen_state_dict`, `python -m models.rgbd convert`): onl
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -210,33 +209,36 @@ def check_layout(sd: dict[str, torch.Tensor], cfg) -> None:
 
 
 def _save(sd: dict[str, torch.Tensor], dst: Path) -> None:
-    """Write atomically (temp file, then rename); .safetensors or a torch file."""
-    tmp = dst.with_name(dst.name + ".tmp")
+    """Write atomically (models/fileio.py: a hidden temp file renamed on success, removed on any failure or
+    interrupt); .safetensors or a torch file."""
+    from models.fileio import atomic_output
     seen: set[int] = set()
     flat = {}
     for k, v in sd.items():  # safetensors refuses shared storage: clone repeats
         v = v.contiguous()
         flat[k] = v.clone() if v.data_ptr() in seen else v
         seen.add(v.data_ptr())
-    if dst.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(flat, str(tmp))
-    else:
-        torch.save(flat, tmp)
-    os.replace(tmp, dst)
+    with atomic_output(dst) as tmp:
+        if dst.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(flat, str(tmp))
+        else:
+            torch.save(flat, tmp)
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, preset: str = "sd15-rgbd", init: str = "zero") -> dict:
     """Convert an RGB X-Portrait checkpoint file for `preset` (an rgbd preset); both layouts are checked
     strictly against models built on the meta device. Returns counts for the log."""
     from models.config import XPortraitConfig
+    from models.fileio import check_output_path
     from models.weights import meta_checked, read_state_dict
     cfg = XPortraitConfig.from_name(preset)
     if not is_rgbd(cfg):
-        raise ValueError(f"preset {preset} is not an rgbd preset; use e.g. sd15-rgbd or tiny-rgbd")
-    dst = Path(dst)
-    if dst.resolve() == Path(src).resolve():
-        raise ValueError("write the converted checkpoint to a new file (OUT must differ from IN)")
+        raise ValueError(f"--preset {preset} is not an rgbd preset; use e.g. sd15-rgbd or tiny-rgbd")
+    if not Path(src).is_file():
+        raise FileNotFoundError(f"IN {src}: no such file")
+    # OUT must differ from IN (real path or inode); its folder must exist or be creatable, and be writable
+    dst = check_output_path(dst, inputs=(src,), flag="OUT")
     sd = read_state_dict(src)
     rgb_cfg = replace(cfg, name=cfg.name.removesuffix("-rgbd"), unet=replace(cfg.unet, modalities=("rgb",)))
     with_clip = any(k.startswith("cond_stage_model.") for k in sd)
@@ -248,22 +250,27 @@ def convert_checkpoint(src: str | Path, dst: str | Path, preset: str = "sd15-rgb
     return {"tensors": len(wide), "clip": with_clip, "conv_in": tuple(wide[CONV_IN].shape)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
+    from models.cli import add_debug_flag
     p = argparse.ArgumentParser(prog="python -m models.rgbd", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     cv = sub.add_parser("convert", help="widen an RGB X-Portrait checkpoint to the rgbd layout")
-    cv.add_argument("src", type=Path, help="RGB checkpoint (model_state-*.th or .safetensors)")
-    cv.add_argument("dst", type=Path, help="output (.safetensors recommended)")
+    cv.add_argument("src", type=Path, metavar="IN", help="RGB checkpoint (model_state-*.th or .safetensors)")
+    cv.add_argument("dst", type=Path, metavar="OUT", help="output (.safetensors recommended; never IN)")
     cv.add_argument("--preset", default="sd15-rgbd", help="rgbd preset (default: sd15-rgbd)")
     cv.add_argument("--init", choices=INITS, default="zero", help="widening initialization (default: zero)")
+    add_debug_flag(cv)
     a = p.parse_args(argv)
-    try:
-        info = convert_checkpoint(a.src, a.dst, a.preset, a.init)
-    except (ValueError, KeyError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    info = convert_checkpoint(a.src, a.dst, a.preset, a.init)
     print(f"ok: wrote {a.dst} ({info['tensors']} tensors, conv_in {info['conv_in']}, init {a.init})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One `error: ...` line (1: a bad file or flag, CheckpointError included; 2: usage; 130/143: Ctrl-C/SIGTERM,
+    OUT left as it was); --debug: the traceback."""
+    from models.cli import run_main
+    return run_main(_main, argv, expected=(KeyError,))
 
 
 if __name__ == "__main__":

@@ -88,28 +88,20 @@ def spec_from_args(a: argparse.Namespace) -> dict:
     return check_spec(spec, "the command line")
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     a = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.debug else logging.WARNING, format="%(message)s")
-    try:
-        spec = spec_from_args(a)
-        from runtime.serve.config import resolve
-        cfg, _live, web, _model = resolve(spec)
-        if a.print_config:
-            from runtime.serve.app import deploy_yaml
-            print(deploy_yaml(spec), end="")
-            return 0
-        for line in web.bind_warnings():
-            print(f"warning: {line}", file=sys.stderr)
-        from runtime.serve.app import start, stop
-        url = start(spec)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line for the user; --debug shows the traceback
-        if a.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    spec = spec_from_args(a)  # the flags and the --config file, checked before Ray starts
+    from runtime.serve.config import resolve
+    cfg, _live, web, _model = resolve(spec)
+    if a.print_config:
+        from runtime.serve.app import deploy_yaml
+        print(deploy_yaml(spec), end="")
+        return 0
+    for line in web.bind_warnings():
+        print(f"warning: {line}", file=sys.stderr)
+    from runtime.serve.app import start, stop
+    url = start(spec)
     print(f"serving on {url}  (Ctrl-C to stop)", file=sys.stderr, flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -117,6 +109,13 @@ def main(argv=None) -> int:
     done.wait()
     stop(cfg)
     return 0
+
+
+def main(argv=None) -> int:
+    """One `error: ...` line and the exit codes of models/cli.py (1: a bad flag, file or cluster; 2: usage;
+    130/143: Ctrl-C/SIGTERM before serving; 0 after serving until Ctrl-C/SIGTERM); --debug: the traceback."""
+    from models.cli import run_main
+    return run_main(_main, argv, expected=(RuntimeError, KeyError))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 The same server as `python -m runtime.webcam --serve`, with the flags of runtime/web/config.py
 added to that parser. Example: python -m runtime.web --steps 1 --window 3 --port 8000
+Errors and exit codes as every command (models/cli.py): one `error: ...` line, 1 for a bad flag or
+file (checked before the model loads), 2 for usage, 130/143 for Ctrl-C/SIGTERM; --debug for the traceback.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import logging
 import sys
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     from runtime import webcam
     from runtime.web.config import add_arguments
     p = webcam.parser()
@@ -18,15 +20,12 @@ def main(argv=None) -> int:
         add_arguments(p)
     a = p.parse_args(["--serve", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO if a.debug else logging.WARNING, format="%(message)s")
-    try:
-        return webcam.run(a)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line for the user; --debug shows the traceback
-        if a.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return webcam.run(a)
+
+
+def main(argv=None) -> int:
+    from models.cli import run_main
+    return run_main(_main, argv, expected=(RuntimeError, KeyError))
 
 
 if __name__ == "__main__":
