@@ -121,6 +121,7 @@ def validate_io(a: argparse.Namespace) -> None:
     for flag, path, exts in (("--output", a.output, VIDEO_EXTS), ("--log-json", a.log_json, (".json", ".jsonl"))):
         if path is not None:
             check_output(flag, path, exts, inputs)
+            path.parent.mkdir(parents=True, exist_ok=True)  # checked above: it can be made
 
 
 def check_output(flag: str, path: Path, exts: tuple[str, ...], inputs: list[Path]) -> None:

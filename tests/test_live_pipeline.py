@@ -139,13 +139,13 @@ def _webcam(*args, timeout=600):
 
 
 def test_webcam_headless_file_run(tmp_path):
-    out, log = tmp_path / "out.mp4", tmp_path / "lat.jsonl"
+    out, log = tmp_path / "new" / "out.mp4", tmp_path / "lat.jsonl"  # the output folder is made
     r = _webcam("--input", "samples/driving.mp4", "--output", str(out), "--headless", "--every-frame",
                 "--frames", "6", "--steps", "1", "--window", "3", "--log-json", str(log))
     assert r.returncode == 0, r.stderr
     assert "RANDOM WEIGHTS" in r.stderr
     assert out.is_file() and out.stat().st_size > 0
-    assert not list(tmp_path.glob("*.tmp*")), "no temporary file left"
+    assert not [f for f in tmp_path.rglob("*") if f.name.startswith(".")], "no temporary file left"
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(rows) == 6
     assert [r["index"] for r in rows] == sorted(r["index"] for r in rows)
