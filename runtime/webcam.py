@@ -19,7 +19,6 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from runtime.live.config import BACKENDS, DECODERS, DTYPES, ENCODERS, LIVE_PRESETS, LiveConfig

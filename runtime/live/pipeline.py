@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from runtime.live.clock import StageClock
+from runtime.live.pinned import PinnedRing
 from runtime.live.session import LiveSession
 from runtime.live.slots import Closed, LatestSlot
 
@@ -65,23 +66,6 @@ class Counters:
     errors: list[str] = field(default_factory=list)
 
 
-class _Pinned:
-    """Double-buffered host<->device transfers through page-locked memory (plain memory on the CPU)."""
-
-    def __init__(self, shape: tuple, device: torch.device, n: int):
-        self.cuda = device.type == "cuda"
-        self.host = [torch.empty(shape, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(n)]
-        self.done = [torch.cuda.Event() if self.cuda else None for _ in range(n)]
-        self.i = 0
-
-    def next(self) -> tuple[int, torch.Tensor]:
-        i = self.i
-        self.i = (self.i + 1) % len(self.host)
-        if self.cuda:
-            self.done[i].synchronize()  # the copy from/to this buffer, issued len(host) frames ago
-        return i, self.host[i]
-
-
 class Pipeline:
     """Runs a LiveSession on frames from `source`, hints from `tracker`; results via `results()`."""
 
@@ -99,9 +83,9 @@ class Pipeline:
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         r = session.size
-        self._up = _Pinned((2, r, r, 3), self.device, 2)
+        self._up = PinnedRing((2, r, r, 3), self.device, 2)
         width = r * (view.panels if view is not None else 1)
-        self._down = _Pinned((r, width, 3), self.device, 4)  # device writes one, slot holds one, presenter copies one
+        self._down = PinnedRing((r, width, 3), self.device, 4)  # device writes one, slot holds one, presenter copies one
         if self.cuda:
             self.compute = torch.cuda.Stream(self.device)
             self.copy_in = torch.cuda.Stream(self.device)
@@ -219,7 +203,7 @@ class Pipeline:
         if self.cuda:
             with torch.cuda.stream(self.copy_in):
                 dev = host.to(self.device, non_blocking=True)
-                self._up.done[i].record()
+                self._up.events[i].record()
             self.compute.wait_stream(self.copy_in)
             dev.record_stream(self.compute)
         else:
@@ -238,7 +222,7 @@ class Pipeline:
                 out_host.copy_(image, non_blocking=True)
                 image.record_stream(self.copy_out)
                 clock.mark("download")
-                self._down.done[j].record()
+                self._down.events[j].record()
             ev = torch.cuda.Event()
             ev.record(self.compute)
             self._inflight.append(ev)
@@ -263,8 +247,8 @@ class Pipeline:
                 continue
             j, tag, clock = item
             if self.cuda:
-                self._down.done[j].synchronize()
-            image = self._down.host[j].numpy().copy()
+                self._down.events[j].synchronize()
+            image = self._down.bufs[j].numpy().copy()
             finite = getattr(self.session, "finite", None)
             if finite is not None and finite.poll() is not None:  # a few frames late, never a per-frame sync
                 self.stop()

@@ -205,7 +205,7 @@ class LiveSession:
 
     def _denoise(self, feat: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sequential schedule: S steps of this frame, each on its own ring element."""
-        from models.streaming import ring_advance, ring_write
+        from models.streaming import ring_advance
         a, b, c = self.coef
         x = self.x[:1]
         x.copy_(self.x_T)

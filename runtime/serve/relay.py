@@ -30,7 +30,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 
 from runtime.serve.config import ServeConfig
 from runtime.web.config import WebConfig
-from runtime.web.protocol import ProtocolError, pack, unpack
+from runtime.web.protocol import ProtocolError, pack, parse_text, unpack
 from runtime.web.server import RateLimit
 
 log = logging.getLogger(__name__)
@@ -248,14 +248,7 @@ class Relay:
                 await self._send({"type": "error", "message": str(e)})
 
     async def _on_text(self, data: str) -> None:
-        if len(data) > 4096:
-            raise ProtocolError("text message over 4096 characters")
-        try:
-            m = json.loads(data)
-        except json.JSONDecodeError as e:
-            raise ProtocolError(f"text message is not JSON: {e}") from None
-        if not isinstance(m, dict):
-            raise ProtocolError("text message must be a JSON object")
+        m = parse_text(data)
         kind = m.get("type")
         if kind == "ping":
             await self._send({"type": "pong", "t": m.get("t")})

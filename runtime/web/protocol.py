@@ -39,3 +39,19 @@ def unpack(msg: bytes) -> tuple[dict, bytes]:
     if not isinstance(header, dict):
         raise ProtocolError("header must be a JSON object")
     return header, msg[4 + n:]
+
+
+MAX_TEXT = 4096
+
+
+def parse_text(data: str) -> dict:
+    """A text (control) message: a JSON object of at most MAX_TEXT characters, else ProtocolError."""
+    if len(data) > MAX_TEXT:
+        raise ProtocolError(f"text message over {MAX_TEXT} characters")
+    try:
+        m = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"text message is not JSON: {e}") from None
+    if not isinstance(m, dict):
+        raise ProtocolError("text message must be a JSON object")
+    return m

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import re
 import signal
@@ -32,7 +31,7 @@ from aiohttp import WSMsgType, web
 
 from runtime.web.config import WebConfig
 from runtime.web.images import ImageError
-from runtime.web.protocol import ProtocolError, pack, unpack
+from runtime.web.protocol import ProtocolError, pack, parse_text, unpack
 from runtime.web.sessions import Busy, FrameOut, SessionClosed, SessionManager
 
 log = logging.getLogger(__name__)
@@ -227,14 +226,7 @@ async def _receive(ws: web.WebSocketResponse, app: web.Application, sid: str) ->
 
 
 async def _on_text(ws: web.WebSocketResponse, app: web.Application, sid: str, data: str) -> None:
-    if len(data) > 4096:
-        raise ProtocolError("text message over 4096 characters")
-    try:
-        m = json.loads(data)
-    except json.JSONDecodeError as e:
-        raise ProtocolError(f"text message is not JSON: {e}") from None
-    if not isinstance(m, dict):
-        raise ProtocolError("text message must be a JSON object")
+    m = parse_text(data)
     manager, kind = app[MANAGER], m.get("type")
     if kind == "ping":
         await _send(ws, {"type": "pong", "t": m.get("t")})

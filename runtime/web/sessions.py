@@ -37,11 +37,21 @@ import numpy as np
 import torch
 
 from runtime.live.clock import StageClock
+from runtime.live.pinned import PinnedRing
 from runtime.live.slots import Closed, LatestSlot
 from runtime.web.config import WebConfig
 from runtime.web.images import ImageError, check_image, decode_image, encode_jpeg
-from runtime.web.state import (Busy, FrameOut, HostRing, InFrame, Ready, SerializedLandmarker, Session,
-                               SessionClosed, Skip, UnknownSession)
+from runtime.web.state import (
+    Busy,
+    FrameOut,
+    InFrame,
+    Ready,
+    SerializedLandmarker,
+    Session,
+    SessionClosed,
+    Skip,
+    UnknownSession,
+)
 
 __all__ = ["Busy", "FrameOut", "SessionClosed", "SessionManager", "Skip", "UnknownSession"]
 log = logging.getLogger(__name__)
@@ -71,7 +81,7 @@ class SessionManager:
         self.device_busy_s = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._up = HostRing((2, self.size, self.size, 3), self.device, 2)
+        self._up = PinnedRing((2, self.size, self.size, 3), self.device, 2)
         self._inflight: deque = deque()
         self.options = self._options()
 
@@ -371,7 +381,7 @@ class SessionManager:
             live.set_source(torch.from_numpy(np.ascontiguousarray(s.source[0])))
             s.live = live
             if s.down is None:
-                s.down = HostRing((self.size, self.size, 3), self.device, _RING)
+                s.down = PinnedRing((self.size, self.size, 3), self.device, _RING)
                 s.clocks = [StageClock(self.device) for _ in range(_RING)]
             return {"steps": s.steps, "window": s.window}
         if kind == "source":
@@ -389,10 +399,10 @@ class SessionManager:
         cuda = self.device.type == "cuda"
         if len(self._inflight) >= 2:  # bound the work in flight; also frees the upload buffer of 2 frames ago
             self._inflight.popleft().synchronize()
-        i, host = self._up.next()
+        i, host = self._up.next(wait=False)
         host[0].numpy()[...] = ready.pose
         host[1].numpy()[...] = ready.local
-        j, out = s.down.next()
+        j, out = s.down.next(wait=False)
         clock = s.clocks[j]
         clock.start()
         dev = host.to(self.device, non_blocking=True) if cuda else host

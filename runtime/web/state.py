@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from runtime.live.clock import StageClock
+from runtime.live.pinned import PinnedRing
 from runtime.live.slots import LatestSlot
 
 
@@ -70,21 +70,6 @@ class Ready:
     prep_ms: float
 
 
-class HostRing:
-    """n host buffers, page-locked on CUDA, each with an event marking its last copy."""
-
-    def __init__(self, shape: tuple, device: torch.device, n: int):
-        self.cuda = device.type == "cuda"
-        self.bufs = [torch.empty(shape, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(n)]
-        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(n)]
-        self.i = 0
-
-    def next(self) -> tuple[int, torch.Tensor]:
-        i = self.i
-        self.i = (i + 1) % len(self.bufs)
-        return i, self.bufs[i]
-
-
 class SerializedLandmarker:
     """A landmarker shared by threads: one detect() at a time."""
 
@@ -109,7 +94,7 @@ class Session:
         self.counters = {"frames_in": 0, "frames_out": 0, "no_face": 0, "bad_frames": 0}
         self.seq = 0
         self.closed_reason: str | None = None
-        self.down: HostRing | None = None
+        self.down: PinnedRing | None = None
         self.clocks: list[StageClock] = []
 
     def dropped(self) -> int:
