@@ -127,20 +127,11 @@ class ModelCache:
         return self._models[key]
 
     def live(self, cfg: LiveConfig):
-        """A LiveModel for cfg (as runtime.live.factory.load_live builds it, over cached weights)."""
-        from models.config import XPortraitConfig
-        from models.schedule import ddpm_buffers
-        from runtime.live.factory import LiveModel, load_live, ring_layout
-        from runtime.live.graphs import torch_graphs
+        """A LiveModel for cfg, built as runtime.live.factory.load_live builds it, over cached weights."""
+        from runtime.live.factory import live_from_models, load_live
         if cfg.backend in ("ort", "trt"):
             return load_live(cfg, engines=self.engines)
-        m = self.models(cfg.preset, cfg.device, cfg.torch_dtype, cfg.seed)
-        kernels = cfg.backend == "torch-kernels"
-        graphs = torch_graphs(m.model, m.taesd, cfg.encoder, cfg.decoder, cfg.torch_dtype, kernels=kernels,
-                              cuda_graphs=kernels and cfg.device.startswith("cuda") and cfg.cuda_graphs)
-        alphas = ddpm_buffers(XPortraitConfig.from_name(cfg.preset).schedule)["alphas_cumprod"].float()
-        return LiveModel(cfg, graphs, m.context.float().cpu(), alphas, ring_layout(cfg.preset, cfg.image_size()),
-                         m.random_weights, list(m.notes), XPortraitConfig.from_name(cfg.preset).unet.modalities)
+        return live_from_models(cfg, self.models(cfg.preset, cfg.device, cfg.torch_dtype, cfg.seed))
 
 
 @dataclass

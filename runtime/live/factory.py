@@ -56,11 +56,6 @@ def ring_layout(preset: str, size: int) -> list[tuple[int, int]]:
 def load_live(cfg: LiveConfig, checkpoint=None, taesd=None, lora=None, engines=None) -> LiveModel:
     """Validate the config, then build the graphs for its backend."""
     cfg = cfg.validated()
-    from models.config import XPortraitConfig
-    from models.schedule import ddpm_buffers
-    mcfg = XPortraitConfig.from_name(cfg.preset)
-    alphas = ddpm_buffers(mcfg.schedule)["alphas_cumprod"].float()
-    layout = ring_layout(cfg.preset, cfg.image_size())
     if cfg.backend in ("ort", "trt"):
         if engines is None:
             raise ValueError(f"--backend {cfg.backend} runs an export folder: pass --engines DIR "
@@ -72,17 +67,33 @@ def load_live(cfg: LiveConfig, checkpoint=None, taesd=None, lora=None, engines=N
         context = _read_context(folder)
         weights = (json.loads((folder / "manifest.json").read_text()).get("preset") or {}).get("weights", "")
         random = str(weights).startswith("random")
-        return LiveModel(cfg, graphs, context, alphas, layout, random, list(graphs.notes), mcfg.unet.modalities)
+        alphas, layout, modalities = _shared_facts(cfg)
+        return LiveModel(cfg, graphs, context, alphas, layout, random, list(graphs.notes), modalities)
     from runtime.pipeline import load_models
     models = load_models(cfg.preset, checkpoint=checkpoint, lora=lora, taesd=taesd,
                          need_taesd="taesd" in (cfg.encoder, cfg.decoder), seed=cfg.seed, device=cfg.device,
                          dtype=cfg.torch_dtype)
-    on_cuda = cfg.device.startswith("cuda")
+    return live_from_models(cfg, models)
+
+
+def live_from_models(cfg: LiveConfig, models) -> LiveModel:
+    """A torch-backend LiveModel over already loaded weights (runtime.pipeline.Models), e.g. shared by the
+    configurations of a benchmark."""
     kernels = cfg.backend == "torch-kernels"
     graphs = torch_graphs(models.model, models.taesd, cfg.encoder, cfg.decoder, cfg.torch_dtype, kernels=kernels,
-                          cuda_graphs=kernels and on_cuda and cfg.cuda_graphs)
+                          cuda_graphs=kernels and cfg.device.startswith("cuda") and cfg.cuda_graphs)
+    alphas, layout, modalities = _shared_facts(cfg)
     return LiveModel(cfg, graphs, models.context.float().cpu(), alphas, layout, models.random_weights,
-                     list(models.notes), mcfg.unet.modalities)
+                     list(models.notes), modalities)
+
+
+def _shared_facts(cfg: LiveConfig) -> tuple:
+    """What every backend's sessions need from the preset: the DDPM schedule, ring geometry, latent layout."""
+    from models.config import XPortraitConfig
+    from models.schedule import ddpm_buffers
+    mcfg = XPortraitConfig.from_name(cfg.preset)
+    alphas = ddpm_buffers(mcfg.schedule)["alphas_cumprod"].float()
+    return alphas, ring_layout(cfg.preset, cfg.image_size()), mcfg.unet.modalities
 
 
 def _check_export(folder: Path, cfg: LiveConfig) -> None:

@@ -36,6 +36,7 @@ from runtime.live.clock import StageClock
 from runtime.live.pinned import PinnedRing
 from runtime.live.session import LiveSession
 from runtime.live.slots import Closed, LatestSlot
+from runtime.live.transfer import DeviceFrames
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +84,13 @@ class Pipeline:
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         r = session.size
-        self._up = PinnedRing((2, r, r, 3), self.device, 2)
+        self._frames = DeviceFrames(self.device, r)
         width = r * (view.panels if view is not None else 1)
         self._down = PinnedRing((r, width, 3), self.device, 4)  # device writes one, slot holds one, presenter copies one
         if self.cuda:
             self.compute = torch.cuda.Stream(self.device)
-            self.copy_in = torch.cuda.Stream(self.device)
-            self.copy_out = torch.cuda.Stream(self.device)
         stages = 2 * getattr(session, "steps", 1) + 10  # per step control + unet; upload ... download
         self._clocks = [StageClock(self.device, stages) for _ in range(4)]
-        self._inflight: list[torch.cuda.Event] = []
 
     # ----------------------------------------------------------------------------- control
     def start(self) -> "Pipeline":
@@ -193,43 +191,11 @@ class Pipeline:
 
     def _run_frame(self, pose: np.ndarray, local: np.ndarray, tag: Tag) -> None:
         tag.t_device = time.perf_counter()
-        if len(self._inflight) >= 2:  # bound the GPU work in flight (normally already complete)
-            self._inflight.pop(0).synchronize()
         clock = self._clocks[tag.index % len(self._clocks)]
         clock.start()
-        i, host = self._up.next()
-        host[0].numpy()[...] = pose
-        host[1].numpy()[...] = local
-        if self.cuda:
-            with torch.cuda.stream(self.copy_in):
-                dev = host.to(self.device, non_blocking=True)
-                self._up.events[i].record()
-            self.compute.wait_stream(self.copy_in)
-            dev.record_stream(self.compute)
-        else:
-            dev = host
-        clock.mark("upload")
-        res = self.session.step(dev[0], dev[1], tag, clock=clock)
-        if res is None:  # stream batch filling up
-            return
-        image = res.image
-        if self.view is not None:
-            image = self.view(res.image, res.depth, clock)  # [RGB or relit | depth], on the device
-        j, out_host = self._down.next()
-        if self.cuda:
-            self.copy_out.wait_stream(self.compute)
-            with torch.cuda.stream(self.copy_out):
-                out_host.copy_(image, non_blocking=True)
-                image.record_stream(self.copy_out)
-                clock.mark("download")
-                self._down.events[j].record()
-            ev = torch.cuda.Event()
-            ev.record(self.compute)
-            self._inflight.append(ev)
-        else:
-            out_host.copy_(image)
-            clock.mark("download")
-        self.out.put((j, res.tag, clock))
+        done = self._frames.run(self.session, pose, local, tag, clock, self._down, self.view)
+        if done is not None:  # None: a stream batch filling up
+            self.out.put((done[0], done[1], clock))
 
     # ------------------------------------------------------------------------ presenting
     def results(self, timeout: float = 0.1):

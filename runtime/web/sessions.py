@@ -28,7 +28,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
@@ -39,6 +39,7 @@ import torch
 from runtime.live.clock import StageClock
 from runtime.live.pinned import PinnedRing
 from runtime.live.slots import Closed, LatestSlot
+from runtime.live.transfer import DeviceFrames
 from runtime.web.config import WebConfig
 from runtime.web.images import ImageError, check_image, decode_image, encode_jpeg
 from runtime.web.state import (
@@ -81,8 +82,7 @@ class SessionManager:
         self.device_busy_s = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._up = PinnedRing((2, self.size, self.size, 3), self.device, 2)
-        self._inflight: deque = deque()
+        self._frames = DeviceFrames(self.device, self.size)  # uploads, session step, downloads (runtime/live)
         self.options = self._options()
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -396,31 +396,15 @@ class SessionManager:
 
     def _run_frame(self, s: Session, ready: Ready) -> None:
         t0 = time.perf_counter()
-        cuda = self.device.type == "cuda"
-        if len(self._inflight) >= 2:  # bound the work in flight; also frees the upload buffer of 2 frames ago
-            self._inflight.popleft().synchronize()
-        i, host = self._up.next(wait=False)
-        host[0].numpy()[...] = ready.pose
-        host[1].numpy()[...] = ready.local
-        j, out = s.down.next(wait=False)
-        clock = s.clocks[j]
+        clock = s.clocks[s.counters["frames_out"] % len(s.clocks)]
         clock.start()
-        dev = host.to(self.device, non_blocking=True) if cuda else host
-        clock.mark("upload")
         try:
-            res = s.live.step(dev[0], dev[1], ready, clock=clock)
+            done = self._frames.run(s.live, ready.pose, ready.local, ready, clock, s.down)
         except Exception as e:  # noqa: BLE001 - one session's failure must not stop the others
             log.exception("session %s: the model failed", s.id)
             return self.close(s.id, f"the model failed on this session's frame: {e}")
-        if res is not None:
-            out.copy_(res.image, non_blocking=cuda)
-            clock.mark("download")
-            if cuda:
-                s.down.events[j].record()
+        if done is not None:  # None: a stream batch filling up
             s.counters["frames_out"] += 1
             self.counters["frames_out"] += 1
-            self._put(s.out, (j, res.tag, clock))
-        if cuda:
-            self._up.events[i].record()
-            self._inflight.append(self._up.events[i])
+            self._put(s.out, (done[0], done[1], clock))
         self.device_busy_s += time.perf_counter() - t0
